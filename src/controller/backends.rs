@@ -1,0 +1,250 @@
+//! Resolves an AppConnection's `backendRef` to a backend client, from caches of the backend
+//! resources and namespaces; clients are built once per backend generation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, ResourceExt};
+
+use crate::backend::{self, Backend, SecretSource};
+use crate::crd::{
+    AppConnection, BackendKind, BackendProvider, ClusterConnectionBackend, ConnectionBackend,
+};
+use crate::metrics::Metrics;
+use crate::reconcile::{BackendInfo, BackendLookupError};
+
+/// Cache key: kind, namespace ("" for the cluster kind), name.
+type BackendKey = (BackendKind, String, String);
+
+struct Built {
+    uid: String,
+    generation: i64,
+    /// The Secrets the client was built from, to drop it when one changes.
+    secrets: Vec<(String, String)>,
+    backend: Arc<dyn Backend>,
+}
+
+pub struct Registry {
+    client: Client,
+    builtin: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+    /// One cache per watched namespace scope.
+    pub backends: Vec<Store<ConnectionBackend>>,
+    pub cluster_backends: Store<ClusterConnectionBackend>,
+    pub namespaces: Store<Namespace>,
+    built: Mutex<HashMap<BackendKey, Built>>,
+}
+
+impl Registry {
+    pub fn new(
+        client: Client,
+        builtin: Arc<dyn Backend>,
+        metrics: Arc<Metrics>,
+        backends: Vec<Store<ConnectionBackend>>,
+        cluster_backends: Store<ClusterConnectionBackend>,
+        namespaces: Store<Namespace>,
+    ) -> Self {
+        Self {
+            client,
+            builtin,
+            metrics,
+            backends,
+            cluster_backends,
+            namespaces,
+            built: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn builtin(&self) -> Arc<dyn Backend> {
+        self.builtin.clone()
+    }
+
+    /// Drops clients built from this Secret; returns whether any was.
+    pub fn secret_changed(&self, namespace: &str, name: &str) -> bool {
+        let mut built = self.built.lock().expect("registry lock");
+        let before = built.len();
+        built.retain(|_, b| !b.secrets.iter().any(|(ns, n)| ns == namespace && n == name));
+        built.len() != before
+    }
+
+    /// The backend for a connection.
+    pub async fn lookup(
+        &self,
+        conn: &AppConnection,
+    ) -> Result<(Arc<dyn Backend>, BackendInfo), BackendLookupError> {
+        let Some(reference) = &conn.spec.backend_ref else {
+            return Ok((self.builtin.clone(), BackendInfo::builtin()));
+        };
+        let namespace = conn.namespace().unwrap_or_default();
+        let (key, uid, generation, provider, secret_namespace) = match reference.kind {
+            BackendKind::ConnectionBackend => {
+                let wanted = ObjectRef::new(&reference.name).within(&namespace);
+                let found = self
+                    .backends
+                    .iter()
+                    .find_map(|store| store.get(&wanted))
+                    .ok_or_else(|| {
+                        BackendLookupError::NotFound(format!(
+                            "ConnectionBackend {:?} not found in namespace {namespace:?}",
+                            reference.name
+                        ))
+                    })?;
+                not_ready(found.status.as_ref(), reference.kind, &reference.name)?;
+                let key = (reference.kind, namespace.clone(), reference.name.clone());
+                (
+                    key,
+                    found.uid(),
+                    found.metadata.generation,
+                    found.spec.provider.clone(),
+                    Some(namespace.clone()),
+                )
+            }
+            BackendKind::ClusterConnectionBackend => {
+                let found = self
+                    .cluster_backends
+                    .get(&ObjectRef::new(&reference.name))
+                    .ok_or_else(|| {
+                        BackendLookupError::NotFound(format!(
+                            "ClusterConnectionBackend {:?} not found",
+                            reference.name
+                        ))
+                    })?;
+                self.check_namespace_allowed(&found, &namespace)?;
+                not_ready(found.status.as_ref(), reference.kind, &reference.name)?;
+                let key = (reference.kind, String::new(), reference.name.clone());
+                (
+                    key,
+                    found.uid(),
+                    found.metadata.generation,
+                    found.spec.provider.clone(),
+                    None,
+                )
+            }
+        };
+        let info = BackendInfo {
+            kind: reference.kind.as_str().to_string(),
+            name: reference.name.clone(),
+            provider: provider.type_name().unwrap_or("unknown"),
+            default_project: default_project(&provider),
+        };
+        if provider.builtin.is_some() {
+            return Ok((self.builtin.clone(), info));
+        }
+        let uid = uid.unwrap_or_default();
+        let generation = generation.unwrap_or_default();
+        if let Some(built) = self.built.lock().expect("registry lock").get(&key)
+            && built.uid == uid
+            && built.generation == generation
+        {
+            return Ok((built.backend.clone(), info));
+        }
+        let secrets = ApiSecrets {
+            client: self.client.clone(),
+            namespace: secret_namespace,
+        };
+        let (backend, used) = backend::build(&provider, &secrets, self.metrics.clone()).await?;
+        self.built.lock().expect("registry lock").insert(
+            key,
+            Built {
+                uid,
+                generation,
+                secrets: used,
+                backend: backend.clone(),
+            },
+        );
+        Ok((backend, info))
+    }
+
+    fn check_namespace_allowed(
+        &self,
+        backend: &ClusterConnectionBackend,
+        namespace: &str,
+    ) -> Result<(), BackendLookupError> {
+        let Some(selector) = backend
+            .spec
+            .conditions
+            .as_ref()
+            .and_then(|c| c.namespace_selector.as_ref())
+        else {
+            return Ok(());
+        };
+        let labels: BTreeMap<String, String> = self
+            .namespaces
+            .get(&ObjectRef::new(namespace))
+            .map(|ns| ns.labels().clone())
+            .unwrap_or_default();
+        if super::selector::matches(selector, &labels) {
+            Ok(())
+        } else {
+            Err(BackendLookupError::NotFound(format!(
+                "ClusterConnectionBackend {:?} does not allow namespace {namespace:?} (conditions.namespaceSelector)",
+                backend.name_any()
+            )))
+        }
+    }
+}
+
+/// A backend whose own check failed makes its connections wait with its message.
+fn not_ready(
+    status: Option<&crate::crd::ConnectionBackendStatus>,
+    kind: BackendKind,
+    name: &str,
+) -> Result<(), BackendLookupError> {
+    let failed = status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .filter(|c| c.status == "False");
+    match failed {
+        Some(c) => Err(BackendLookupError::NotReady(format!(
+            "{} {name:?} is not ready: {}",
+            kind.as_str(),
+            c.message
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn default_project(provider: &BackendProvider) -> Option<String> {
+    if let Some(infisical) = &provider.infisical {
+        return infisical.project_id.clone();
+    }
+    if let Some(credible) = &provider.credible {
+        return Some(credible.project.clone());
+    }
+    provider.matillion.as_ref().map(|m| m.project_id.clone())
+}
+
+/// Reads backend auth Secrets through the API: from the backend's own namespace for the
+/// namespaced kind, from the namespace each reference names for the cluster kind.
+struct ApiSecrets {
+    client: Client,
+    namespace: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl SecretSource for ApiSecrets {
+    async fn get(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+        let namespace = self
+            .namespace
+            .as_deref()
+            .or(namespace)
+            .ok_or_else(|| format!("secretKeyRef {name:?} must name its namespace"))?;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = api
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+        Ok(secret.map(|s| {
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect()
+        }))
+    }
+}

@@ -1,0 +1,285 @@
+//! The AppConnection controller: one reconcile through the shared core, the requeue policy,
+//! metrics and the reference index.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, instrument, warn};
+
+use super::backends::Registry;
+use super::backoff::{Backoff, jitter};
+use super::index::RefIndex;
+use super::kube_env::KubeEnv;
+use crate::crd::AppConnection;
+use crate::metrics::{Metrics, ReadinessLabels};
+use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue};
+
+/// Shared by every reconcile; built once.
+pub struct Context {
+    pub client: Client,
+    pub reconciler: Reconciler,
+    pub registry: Registry,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub index: RefIndex,
+    pub backoff: Backoff,
+    /// Default drift-check interval when a connection sets none.
+    pub default_refresh: Duration,
+    /// uid -> when the backend object was last read or written, for drift checks.
+    pub verified: Mutex<HashMap<String, Instant>>,
+    /// uid -> readiness last counted in the `connections` gauge.
+    pub readiness: Mutex<HashMap<String, (bool, Reason)>>,
+    /// uid -> resourceVersion of the latest copy this process wrote or read. The watch cache
+    /// can lag behind the operator's own writes; a cached copy with another version is checked
+    /// against the API before anything is decided on it.
+    pub known: Mutex<HashMap<String, String>>,
+}
+
+impl Context {
+    /// Remembers `conn` as the latest known version of its object.
+    pub fn saw(&self, conn: &AppConnection) {
+        if let (Some(uid), Some(rv)) = (conn.uid(), conn.resource_version()) {
+            self.known.lock().expect("known lock").insert(uid, rv);
+        }
+    }
+
+    /// The cached copy if it is the latest this process knows of, else the one the API holds.
+    async fn latest(&self, cached: &AppConnection) -> Result<Option<AppConnection>, EnvError> {
+        let uid = cached.uid().unwrap_or_default();
+        let known = self.known.lock().expect("known lock").get(&uid).cloned();
+        if known.is_none() || known == cached.resource_version() {
+            return Ok(Some(cached.clone()));
+        }
+        let api: kube::Api<AppConnection> =
+            kube::Api::namespaced(self.client.clone(), &cached.namespace().unwrap_or_default());
+        let latest = api
+            .get_opt(&cached.name_any())
+            .await
+            .map_err(|e| EnvError(format!("reading {}: {e}", cached.name_any())))?;
+        match &latest {
+            Some(latest) => self.saw(latest),
+            None => {
+                self.known.lock().expect("known lock").remove(&uid);
+            }
+        }
+        Ok(latest)
+    }
+}
+
+/// A reconcile that could not finish: retried with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Error(#[from] EnvError);
+
+fn refresh_interval(conn: &AppConnection, default: Duration) -> Option<Duration> {
+    match conn.spec.refresh_interval.as_deref() {
+        None => Some(default),
+        Some("0") => None,
+        Some(text) => parse_duration(text).or(Some(default)),
+    }
+}
+
+/// Parses `1h30m`, `10m`, `45s`, `500ms`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(value), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(value), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(value * 60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(value * 3600), 1)
+        } else {
+            return None;
+        };
+        total += unit;
+        rest = &rest[len..];
+    }
+    Some(total)
+}
+
+#[instrument(skip_all, fields(namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any()))]
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<AppConnection>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let conn = match &obj.0 {
+        Ok(conn) => conn,
+        Err(invalid) => {
+            warn!(error = %invalid, "AppConnection cannot be read; waiting for a change");
+            let event = KubeEvent {
+                type_: KubeEventType::Warning,
+                reason: Reason::InvalidSpec.as_str().into(),
+                note: Some(format!("cannot read the AppConnection: {invalid}")),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&event, &obj.object_ref(&())).await;
+            return Ok(Action::await_change());
+        }
+    };
+    let started = Instant::now();
+    let Some(latest) = ctx.latest(conn).await? else {
+        return Ok(Action::await_change());
+    };
+    let conn = &latest;
+    let uid = conn.uid().unwrap_or_default();
+    ctx.index.update(conn);
+    let refresh = refresh_interval(conn, ctx.default_refresh);
+    let verify = refresh.is_some_and(|every| {
+        ctx.verified
+            .lock()
+            .expect("verified lock")
+            .get(&uid)
+            .is_none_or(|at| at.elapsed() >= every)
+    });
+    let env = KubeEnv { ctx: ctx.clone() };
+    let opts = Options {
+        verify,
+        dry_run: false,
+        now: Timestamp::now(),
+        refresh,
+    };
+    let outcome = match ctx.reconciler.reconcile(&env, conn, opts).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            ctx.metrics
+                .observe_reconcile("error", Reason::BackendUnavailable, started.elapsed());
+            return Err(e.into());
+        }
+    };
+    if matches!(
+        outcome.action,
+        "create" | "adopt" | "update" | "recreate" | "drift-correct" | "verify" | "record-rotation"
+    ) {
+        ctx.verified
+            .lock()
+            .expect("verified lock")
+            .insert(uid.clone(), Instant::now());
+    }
+    // Condition messages name objects and fields, never values: safe to log.
+    if outcome.action != "noop" {
+        info!(action = outcome.action, reason = %outcome.reason, message = %outcome.message, "reconciled");
+    }
+    let result = if outcome.ready {
+        if outcome.action == "noop" {
+            "noop"
+        } else {
+            "ok"
+        }
+    } else {
+        "error"
+    };
+    ctx.metrics
+        .observe_reconcile(result, outcome.reason, started.elapsed());
+    if outcome.status.is_none() {
+        forget(&ctx, conn, &uid);
+    } else {
+        count_readiness(&ctx, &uid, outcome.ready, outcome.reason);
+    }
+
+    let key = uid;
+    Ok(match outcome.requeue {
+        Requeue::After(every) => {
+            ctx.backoff.reset(&key);
+            let rotation = next_rotation_in(conn, &outcome);
+            match (every.map(jitter), rotation) {
+                (Some(a), Some(b)) => Action::requeue(a.min(b)),
+                (Some(a), None) | (None, Some(a)) => Action::requeue(a),
+                (None, None) => Action::await_change(),
+            }
+        }
+        Requeue::Backoff { retry_after } => Action::requeue(ctx.backoff.next(&key, retry_after)),
+        Requeue::WaitForChange => {
+            ctx.backoff.reset(&key);
+            Action::await_change()
+        }
+    })
+}
+
+/// Time until the recorded next rotation, so an overdue rotation is noticed when it is due.
+fn next_rotation_in(conn: &AppConnection, outcome: &crate::reconcile::Outcome) -> Option<Duration> {
+    let status = outcome.status.as_ref().or(conn.status.as_ref())?;
+    let at = status.rotation.as_ref()?.next_rotation_at.as_ref()?.0;
+    let until = at.duration_since(Timestamp::now());
+    Some(
+        Duration::try_from(until)
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_secs(1)),
+    )
+}
+
+pub fn error_policy(
+    obj: Arc<DeserializeGuard<AppConnection>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    warn!(name = %obj.name_any(), error = %error, "reconcile failed; retrying with backoff");
+    Action::requeue(ctx.backoff.next(&obj.uid().unwrap_or_default(), None))
+}
+
+fn count_readiness(ctx: &Context, uid: &str, ready: bool, reason: Reason) {
+    let mut seen = ctx.readiness.lock().expect("readiness lock");
+    let previous = seen.insert(uid.to_string(), (ready, reason));
+    if previous == Some((ready, reason)) {
+        return;
+    }
+    if let Some((was_ready, was_reason)) = previous {
+        ctx.metrics
+            .connections
+            .get_or_create(&labels(was_ready, was_reason))
+            .dec();
+    }
+    ctx.metrics
+        .connections
+        .get_or_create(&labels(ready, reason))
+        .inc();
+}
+
+fn forget(ctx: &Context, conn: &AppConnection, uid: &str) {
+    ctx.index
+        .remove(&conn.namespace().unwrap_or_default(), &conn.name_any());
+    ctx.verified.lock().expect("verified lock").remove(uid);
+    ctx.known.lock().expect("known lock").remove(uid);
+    ctx.backoff.reset(uid);
+    if let Some((ready, reason)) = ctx.readiness.lock().expect("readiness lock").remove(uid) {
+        ctx.metrics
+            .connections
+            .get_or_create(&labels(ready, reason))
+            .dec();
+    }
+}
+
+fn labels(ready: bool, reason: Reason) -> ReadinessLabels {
+    ReadinessLabels {
+        ready: if ready { "true" } else { "false" },
+        reason: reason.as_str(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("10x"), None);
+        assert_eq!(parse_duration("m"), None);
+    }
+}

@@ -1,0 +1,14 @@
+//! kube-runtime wiring: watches, the Secret and backend index, backoff, leader election.
+
+mod backends;
+mod backoff;
+mod connections;
+mod index;
+mod kube_env;
+pub mod leader;
+pub mod operator;
+mod run;
+mod selector;
+
+pub use connections::{Context, parse_duration};
+pub use run::{ControllerConfig, run_controllers, wait_for_crds};

@@ -1,0 +1,262 @@
+//! Wiring: caches, watches and the controllers, started once the CRDs exist.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, future};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::ListParams;
+use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{info, warn};
+
+use super::backends::Registry;
+use super::connections::{self, Context};
+use super::index::RefIndex;
+use crate::backend::Backend;
+use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
+use crate::keys::HashKey;
+use crate::metrics::Metrics;
+use crate::reconcile::Reconciler;
+
+/// What the controller needs from the process.
+pub struct ControllerConfig {
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    pub concurrency: u16,
+    pub default_refresh: Duration,
+    pub hash_key: Arc<HashKey>,
+    pub builtin: Arc<dyn Backend>,
+    pub metrics: Arc<Metrics>,
+    /// Told `true` once the CRDs exist and every watch has listed.
+    pub on_ready: Arc<dyn Fn(bool) + Send + Sync>,
+}
+
+type Conn = DeserializeGuard<AppConnection>;
+
+/// Waits until the AppConnection CRD is served, checking every few seconds.
+pub async fn wait_for_crds(client: &Client) {
+    let api: Api<AppConnection> = Api::all(client.clone());
+    let mut logged = false;
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                if !logged {
+                    warn!("the AppConnection CRD is not installed yet; waiting (install crds/)");
+                    logged = true;
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list AppConnections yet; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Runs the controllers until `shutdown` resolves.
+pub async fn run_controllers(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    wait_for_crds(&client).await;
+    let shutdown = shutdown.shared();
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+
+    // Caches of the backend resources and namespaces, each fed by its own watch.
+    let mut backend_stores = Vec::new();
+    let mut cache_tasks = Vec::new();
+    let (backend_tx, backend_rx) = mpsc::unbounded_channel::<(BackendKind, String, String)>();
+    for scope in &scopes {
+        let api: Api<ConnectionBackend> = scoped(&client, scope.as_deref());
+        let (store, task) = cache(
+            api,
+            Some((BackendKind::ConnectionBackend, backend_tx.clone())),
+        );
+        backend_stores.push(store);
+        cache_tasks.push(task);
+    }
+    let (cluster_store, task) = cache(
+        Api::<ClusterConnectionBackend>::all(client.clone()),
+        Some((BackendKind::ClusterConnectionBackend, backend_tx.clone())),
+    );
+    cache_tasks.push(task);
+    let (namespace_store, task) = cache(Api::<Namespace>::all(client.clone()), None);
+    cache_tasks.push(task);
+    drop(backend_tx);
+
+    let reporter = Reporter {
+        controller: "appconn".into(),
+        instance: None,
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        reconciler: Reconciler::new(config.hash_key.clone()),
+        registry: Registry::new(
+            client.clone(),
+            config.builtin.clone(),
+            config.metrics.clone(),
+            backend_stores.clone(),
+            cluster_store.clone(),
+            namespace_store.clone(),
+        ),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: config.metrics.clone(),
+        index: RefIndex::default(),
+        backoff: Default::default(),
+        default_refresh: config.default_refresh,
+        verified: Mutex::new(HashMap::new()),
+        readiness: Mutex::new(HashMap::new()),
+        known: Mutex::new(HashMap::new()),
+    });
+
+    // Backend changes reach the connections that use them, in whichever controller runs them.
+    let mut triggers = HashMap::new();
+    let mut controllers = Vec::new();
+    let mut readers: Vec<Store<Conn>> = Vec::new();
+    for scope in &scopes {
+        let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<Conn>>();
+        triggers.insert(scope.clone(), tx);
+        let conns: Api<Conn> = scoped(&client, scope.as_deref());
+        // Metadata only: Secret data is read on demand, never cached.
+        let secrets: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
+        let secret_ctx = ctx.clone();
+        let controller = Controller::new(conns, watcher::Config::default().any_semantic())
+            .with_config(controller::Config::default().concurrency(config.concurrency))
+            .watches_stream(
+                watcher(secrets, watcher::Config::default().any_semantic())
+                    .default_backoff()
+                    .touched_objects(),
+                move |secret| {
+                    let ns = secret.namespace().unwrap_or_default();
+                    let name = secret.name_any();
+                    secret_ctx.registry.secret_changed(&ns, &name);
+                    secret_ctx
+                        .index
+                        .for_secret(&ns, &name)
+                        .into_iter()
+                        .map(|(ns, n)| ObjectRef::new(&n).within(&ns))
+                        .collect::<Vec<_>>()
+                },
+            )
+            .reconcile_on(UnboundedReceiverStream::new(rx))
+            .graceful_shutdown_on(shutdown.clone());
+        readers.push(controller.store());
+        let ctx = ctx.clone();
+        controllers.push(
+            controller
+                .run(connections::reconcile, connections::error_policy, ctx)
+                .for_each(|result| {
+                    if let Err(e) = result {
+                        warn!(error = %e, "controller event");
+                    }
+                    future::ready(())
+                })
+                .boxed(),
+        );
+    }
+
+    let route_ctx = ctx.clone();
+    let router = UnboundedReceiverStream::new(backend_rx).for_each(move |(kind, ns, name)| {
+        for (conn_ns, conn_name) in route_ctx.index.for_backend(kind, &ns, &name) {
+            let target = triggers
+                .get(&Some(conn_ns.clone()))
+                .or_else(|| triggers.get(&None));
+            if let Some(tx) = target {
+                let _ = tx.send(ObjectRef::new(&conn_name).within(&conn_ns));
+            }
+        }
+        future::ready(())
+    });
+
+    let on_ready = config.on_ready.clone();
+    let readiness = async move {
+        for store in &readers {
+            let _ = store.wait_until_ready().await;
+        }
+        for store in &backend_stores {
+            let _ = store.wait_until_ready().await;
+        }
+        let _ = cluster_store.wait_until_ready().await;
+        let _ = namespace_store.wait_until_ready().await;
+        info!("watches synced; ready");
+        on_ready(true);
+    };
+
+    let caches = future::join_all(cache_tasks);
+    let work = future::join(future::join_all(controllers), readiness);
+    tokio::select! {
+        _ = work => {}
+        _ = caches => {}
+        _ = router => {}
+    }
+    (config.on_ready)(false);
+    info!("controllers stopped");
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Where a backend cache reports touched objects: (kind, namespace, name).
+type Notify = (
+    BackendKind,
+    mpsc::UnboundedSender<(BackendKind, String, String)>,
+);
+
+/// A reflector cache; with `notify`, every touched object's (kind, namespace, name) is sent.
+fn cache<K>(
+    api: Api<K>,
+    notify: Option<Notify>,
+) -> (Store<K>, futures::future::BoxFuture<'static, ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let task = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(move |event| {
+        match (event, &notify) {
+            (Ok(object), Some((kind, tx))) => {
+                let _ = tx.send((
+                    *kind,
+                    object.namespace().unwrap_or_default(),
+                    object.name_any(),
+                ));
+            }
+            (Err(e), _) => warn!(error = %e, "cache watch error; retrying"),
+            _ => {}
+        }
+        future::ready(())
+    })
+    .boxed();
+    (reader, task)
+}

@@ -1,0 +1,235 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::SecretValueSource;
+
+// `namespace` is a CEL reserved word: the API server exposes such a property as `__namespace__`.
+const ONE_PROVIDER: &str = "[has(self.builtin), has(self.infisical), has(self.credible), has(self.matillion)].filter(x, x).size() == 1";
+const ONE_PROVIDER_MESSAGE: &str =
+    "exactly one provider block is required: builtin, infisical, credible or matillion";
+
+/// A connection backend that AppConnections in the same namespace can use. Its auth Secrets are
+/// read from its own namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "appconn.io",
+    version = "v1alpha1",
+    kind = "ConnectionBackend",
+    namespaced,
+    status = "ConnectionBackendStatus",
+    shortname = "connbackend",
+    category = "appconn",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".status.type"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1}"#,
+    cel
+)]
+#[x_kube(validation = Rule::new(ONE_PROVIDER).message(ONE_PROVIDER_MESSAGE))]
+#[x_kube(validation = Rule::new(
+    "has(self.infisical) ? !has(self.infisical.auth.universalAuth.clientId.secretKeyRef.__namespace__) && !has(self.infisical.auth.universalAuth.clientSecret.secretKeyRef.__namespace__) : true"
+).message("a ConnectionBackend reads Secrets from its own namespace: remove secretKeyRef.namespace"))]
+#[x_kube(validation = Rule::new(
+    "has(self.credible) && has(self.credible.token) ? !has(self.credible.token.secretKeyRef.__namespace__) : true"
+).message("a ConnectionBackend reads Secrets from its own namespace: remove secretKeyRef.namespace"))]
+#[x_kube(validation = Rule::new(
+    "has(self.matillion) ? !has(self.matillion.auth.clientId.secretKeyRef.__namespace__) && !has(self.matillion.auth.clientSecret.secretKeyRef.__namespace__) : true"
+).message("a ConnectionBackend reads Secrets from its own namespace: remove secretKeyRef.namespace"))]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionBackendSpec {
+    #[serde(flatten)]
+    pub provider: BackendProvider,
+}
+
+/// A connection backend for the whole cluster. Its secret references name their namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "appconn.io",
+    version = "v1alpha1",
+    kind = "ClusterConnectionBackend",
+    status = "ConnectionBackendStatus",
+    shortname = "clusterconnbackend",
+    category = "appconn",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".status.type"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1}"#,
+    cel
+)]
+#[x_kube(validation = Rule::new(ONE_PROVIDER).message(ONE_PROVIDER_MESSAGE))]
+#[x_kube(validation = Rule::new(
+    "has(self.infisical) ? has(self.infisical.auth.universalAuth.clientId.secretKeyRef.__namespace__) && has(self.infisical.auth.universalAuth.clientSecret.secretKeyRef.__namespace__) : true"
+).message("a ClusterConnectionBackend's secretKeyRef must name its namespace"))]
+#[x_kube(validation = Rule::new(
+    "has(self.credible) && has(self.credible.token) ? has(self.credible.token.secretKeyRef.__namespace__) : true"
+).message("a ClusterConnectionBackend's secretKeyRef must name its namespace"))]
+#[x_kube(validation = Rule::new(
+    "has(self.matillion) ? has(self.matillion.auth.clientId.secretKeyRef.__namespace__) && has(self.matillion.auth.clientSecret.secretKeyRef.__namespace__) : true"
+).message("a ClusterConnectionBackend's secretKeyRef must name its namespace"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterConnectionBackendSpec {
+    #[serde(flatten)]
+    pub provider: BackendProvider,
+    /// Which namespaces may use this backend; all when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<BackendConditions>,
+}
+
+/// The provider blocks: exactly one is set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendProvider {
+    /// appconn's built-in store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinProvider>,
+    /// Infisical App Connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infisical: Option<InfisicalProvider>,
+    /// Credible Data connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credible: Option<CredibleProvider>,
+    /// Matillion Data Productivity Cloud connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matillion: Option<MatillionProvider>,
+    /// Client-side request rate limit towards the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// The built-in store has no settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct BuiltinProvider {}
+
+/// An Infisical instance reached with a machine identity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InfisicalProvider {
+    /// Base URL, e.g. `https://app.infisical.com`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// Default project for AppConnections that do not set `spec.project`; absent means
+    /// organisation-level connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub project_id: Option<String>,
+    /// How the operator logs in.
+    pub auth: InfisicalAuth,
+    /// PEM CA bundle to trust instead of the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub ca_bundle: Option<String>,
+}
+
+/// Infisical authentication.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InfisicalAuth {
+    /// Universal Auth machine identity.
+    pub universal_auth: ClientCredentials,
+}
+
+/// A client id and secret, each from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCredentials {
+    pub client_id: SecretValueSource,
+    pub client_secret: SecretValueSource,
+}
+
+/// A Credible Data (Malloy Publisher) server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredibleProvider {
+    /// API base, e.g. `https://acme.data.credibledata.com/api/v0`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// Project (environment) that holds the connections.
+    #[schemars(length(min = 1, max = 256))]
+    pub project: String,
+    /// Path segment before the project: `projects` (default) or `environments`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub path_segment: Option<String>,
+    /// Bearer token; the open-source server needs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretValueSource>,
+}
+
+/// A Matillion Data Productivity Cloud project.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MatillionProvider {
+    /// API base, e.g. `https://eu1.api.matillion.com/dpc`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// OAuth token endpoint; Matillion's own when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub token_url: Option<String>,
+    /// Project UUID.
+    #[schemars(length(min = 1, max = 64))]
+    pub project_id: String,
+    /// OAuth client credentials.
+    pub auth: ClientCredentials,
+}
+
+/// A token bucket: `requestsPerSecond` sustained, `burst` at once.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained requests per second, 1 to 10000.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("rateLimit.requestsPerSecond must be between 1 and 10000"))]
+    pub requests_per_second: i32,
+    /// Requests allowed at once, 1 to 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("rateLimit.burst must be between 1 and 10000"))]
+    pub burst: Option<i32>,
+}
+
+/// Which namespaces may use a ClusterConnectionBackend.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendConditions {
+    /// Namespaces whose labels match may use the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// Result of the backend's auth and health check.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionBackendStatus {
+    /// Provider type: `builtin`, `infisical`, `credible` or `matillion`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    /// When the check last ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_time: Option<Time>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` and its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl BackendProvider {
+    /// The provider type name, or None when no block (or several) is set.
+    pub fn type_name(&self) -> Option<&'static str> {
+        let set: Vec<&'static str> = [
+            self.builtin.as_ref().map(|_| "builtin"),
+            self.infisical.as_ref().map(|_| "infisical"),
+            self.credible.as_ref().map(|_| "credible"),
+            self.matillion.as_ref().map(|_| "matillion"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}

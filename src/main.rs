@@ -1,0 +1,296 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use appconn::cli::{self, Format, StoreOptions, output};
+use appconn::controller::leader::LeaseConfig;
+use appconn::controller::operator::{self, OperatorOptions};
+use appconn::controller::parse_duration;
+use appconn::telemetry::{self, LogFormat};
+use clap::{Parser, Subcommand};
+
+/// appconn: AppConnection resources turned into real connections.
+#[derive(Parser)]
+#[command(name = "appconn", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct StoreArgs {
+    /// SQLite file of the built-in store.
+    #[arg(long, env = "APPCONN_STORE", default_value = "appconn.db")]
+    store: PathBuf,
+    /// Key file of the store (created with mode 0600 when absent); default: the store path with
+    /// the extension `.key`.
+    #[arg(long, env = "APPCONN_KEY_FILE")]
+    key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            store: self.store.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+}
+
+/// Flags of `appconn run`; each has an environment variable too.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kubeconfig file; in-cluster configuration when absent.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch only these namespaces (comma-separated); all when empty.
+    #[arg(long, env = "APPCONN_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Namespace of the operator: its key Secret and leader Lease live there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "appconn-system")]
+    operator_namespace: String,
+    /// Connections reconciled at once.
+    #[arg(long, env = "APPCONN_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// SQLite file of the built-in store.
+    #[arg(
+        long,
+        env = "APPCONN_STORE",
+        default_value = "/var/lib/appconn/appconn.db"
+    )]
+    store: PathBuf,
+    /// Secret holding the installation keys, created on first start.
+    #[arg(long, env = "APPCONN_KEY_SECRET", default_value = "appconn-store-key")]
+    key_secret: String,
+    /// A key file instead of the Secret.
+    #[arg(long, env = "APPCONN_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Address of /livez, /readyz and /metrics.
+    #[arg(long, env = "APPCONN_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Address of the store read API for consumers.
+    #[arg(long, env = "APPCONN_STORE_API_ADDR", default_value = "0.0.0.0:8081")]
+    store_api_addr: SocketAddr,
+    /// Only one replica reconciles, holding a Lease.
+    #[arg(long, env = "APPCONN_LEADER_ELECT")]
+    leader_elect: bool,
+    #[arg(long, env = "APPCONN_LEASE_NAME", default_value = "appconn-leader")]
+    lease_name: String,
+    /// Default drift-check interval of connections that set no refreshInterval.
+    #[arg(long, env = "APPCONN_REFRESH_INTERVAL", default_value = "10m", value_parser = duration)]
+    refresh_interval: std::time::Duration,
+    #[arg(long, env = "APPCONN_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration like 10m or 1h30m"))
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller against a Kubernetes API.
+    Run(Box<RunArgs>),
+    /// Reconcile AppConnection, ConnectionBackend and Secret manifests from files, with no
+    /// cluster, and print each connection's resulting status.
+    Apply {
+        /// A manifest file, or a directory read recursively.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print the plan (create/update/noop/delete per connection) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also read every backend object to catch drift, even where nothing changed.
+        #[arg(long)]
+        verify: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Delete the AppConnections named in the files, honouring their deletionPolicy.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Show applied connections and their status (never a secret value).
+    Get {
+        /// Only this AppConnection.
+        name: Option<String>,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Print the CustomResourceDefinitions, or write one file per CRD into a directory.
+    Crds {
+        /// Write `<name>.yaml` files here instead of printing (how `crds/` is made).
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Run(args) => run_operator(*args).await,
+        Command::Apply {
+            file,
+            store,
+            dry_run,
+            verify,
+            output,
+        } => {
+            let report = cli::apply(&file, &store.options(), dry_run, verify)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(print_report(&report, output))
+        }
+        Command::Delete {
+            file,
+            store,
+            dry_run,
+            output,
+        } => {
+            let report = cli::delete(&file, &store.options(), dry_run)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(print_report(&report, output))
+        }
+        Command::Get {
+            name,
+            namespace,
+            store,
+            output,
+        } => {
+            let rows = cli::get(&store.options(), namespace.as_deref(), name.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            if rows.is_empty() && name.is_some() {
+                return Err(format!(
+                    "AppConnection {:?} not found",
+                    name.unwrap_or_default()
+                ));
+            }
+            print!("{}", output::render(&rows, output));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crds { output_dir } => {
+            for (file, yaml) in appconn::crd::crds_yaml() {
+                match &output_dir {
+                    Some(dir) => std::fs::write(dir.join(&file), yaml)
+                        .map_err(|e| format!("cannot write {}: {e}", dir.join(&file).display()))?,
+                    None => print!("---\n{yaml}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
+    telemetry::init(args.log_format);
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| format!("invalid kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("no Kubernetes configuration: set --kubeconfig or KUBECONFIG, or run in a cluster ({e})")
+        })?,
+    };
+    let client =
+        kube::Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))?;
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|e| format!("cannot reach the Kubernetes API server: {e}"))?;
+    tracing::info!(server = %version.git_version, "connected to the Kubernetes API");
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.admin_addr))?;
+    let store_api = tokio::net::TcpListener::bind(args.store_api_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.store_api_addr))?;
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("appconn-{}", std::process::id()));
+    let opts = OperatorOptions {
+        namespaces: args
+            .namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
+        lease: LeaseConfig::new(&args.operator_namespace, &args.lease_name, identity),
+        operator_namespace: args.operator_namespace,
+        concurrency: args.concurrency.max(1),
+        store: args.store,
+        key_secret: args.key_secret,
+        key_file: args.key_file,
+        admin,
+        store_api,
+        leader_elect: args.leader_elect,
+        default_refresh: args.refresh_interval,
+    };
+    operator::run(client, opts, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn print_report(report: &cli::Report, format: Format) -> ExitCode {
+    for skipped in &report.skipped {
+        eprintln!("warning: {skipped}");
+    }
+    print!("{}", output::render(&report.rows, format));
+    ExitCode::from(report.exit_code() as u8)
+}

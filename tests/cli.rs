@@ -1,0 +1,547 @@
+//! `appconn apply | get | delete` end to end: the real binary and the real SQLite file.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use appconn::cli::{self, StoreOptions};
+
+const CANARY: &str = "zebra-canary-7781";
+
+fn appconn(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_appconn"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("APPCONN_STORE")
+        .env_remove("APPCONN_KEY_FILE")
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn quickstart() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.yaml"))
+        .unwrap()
+}
+
+fn store_in(dir: &Path) -> StoreOptions {
+    StoreOptions {
+        store: dir.join("appconn.db"),
+        key_file: None,
+    }
+}
+
+#[test]
+fn quickstart_applies_then_noops_then_updates_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("quickstart.yaml");
+    std::fs::write(&file, quickstart()).unwrap();
+
+    let out = appconn(
+        dir.path(),
+        &["apply", "-f", "quickstart.yaml", "-o", "json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(row["action"], "create", "{row}");
+        assert_eq!(row["ready"], true, "{row}");
+        let status = &row["status"];
+        assert!(
+            uuid::Uuid::parse_str(status["id"].as_str().unwrap()).is_ok(),
+            "{row}"
+        );
+        assert!(
+            status["credentialsHash"]
+                .as_str()
+                .unwrap()
+                .starts_with("hmac-sha256:")
+        );
+        assert_eq!(status["version"], 1);
+        assert_eq!(status["observedGeneration"], 1);
+        assert_eq!(status["conditions"][0]["type"], "Ready");
+        assert_eq!(status["conditions"][0]["status"], "True");
+    }
+    let vault = rows.iter().find(|r| r["name"] == "key-vault").unwrap();
+    assert_eq!(vault["status"]["rotation"]["enabled"], true);
+    assert!(
+        vault["status"]["rotation"]["nextRotationAt"]
+            .as_str()
+            .unwrap()
+            .contains("T11:29:00")
+    );
+
+    let table = appconn(dir.path(), &["apply", "-f", "quickstart.yaml"]);
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table));
+    let lines: Vec<&str> = std::str::from_utf8(&table.stdout)
+        .unwrap()
+        .lines()
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.contains(" noop ") && l.contains("hmac-sha256:")),
+        "{lines:?}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt
+        .block_on(cli::apply(&file, &store_in(dir.path()), false, false))
+        .unwrap();
+    assert!(report.rows.iter().all(|r| r.action == "noop"));
+    assert_eq!(
+        report.store_writes, 0,
+        "an unchanged apply writes nothing to the store"
+    );
+
+    let before: Vec<String> = rows
+        .iter()
+        .map(|r| r["status"]["credentialsHash"].to_string())
+        .collect();
+    std::fs::write(
+        &file,
+        quickstart().replace("example-password-change-me", "a-new-password"),
+    )
+    .unwrap();
+    let report = rt
+        .block_on(cli::apply(&file, &store_in(dir.path()), false, false))
+        .unwrap();
+    let changed: Vec<_> = report.rows.iter().filter(|r| r.action != "noop").collect();
+    assert_eq!(changed.len(), 1, "exactly one connection changes");
+    assert_eq!(changed[0].name, "warehouse");
+    assert_eq!(changed[0].action, "update");
+    let status = changed[0].status.as_ref().unwrap();
+    assert_eq!(status.version, Some(2));
+    assert!(!before.contains(&format!("{:?}", status.credentials_hash.clone().unwrap())));
+    assert_ne!(
+        Some(status.credentials_hash.clone().unwrap()),
+        before.get(2).cloned()
+    );
+
+    let get = appconn(dir.path(), &["get", "warehouse", "-n", "analytics"]);
+    assert_eq!(get.status.code(), Some(0), "{}", text(&get));
+    assert!(text(&get).contains("warehouse") && text(&get).contains("True"));
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("q.yaml"), quickstart()).unwrap();
+    let out = appconn(
+        dir.path(),
+        &["apply", "-f", "q.yaml", "--dry-run", "-o", "json"],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rows.iter().all(|r| r["action"] == "create"), "{rows:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rows = rt
+        .block_on(cli::get(&store_in(dir.path()), None, None))
+        .unwrap();
+    assert!(rows.is_empty(), "dry-run recorded nothing");
+
+    assert_eq!(
+        appconn(dir.path(), &["apply", "-f", "q.yaml"])
+            .status
+            .code(),
+        Some(0)
+    );
+    std::fs::write(
+        dir.path().join("q.yaml"),
+        quickstart().replace("svc_analytics", "svc_other"),
+    )
+    .unwrap();
+    let out = appconn(
+        dir.path(),
+        &["apply", "-f", "q.yaml", "--dry-run", "-o", "json"],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let actions: Vec<&str> = rows.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "update").count(),
+        1,
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.iter().filter(|a| **a == "noop").count(),
+        2,
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn delete_honours_the_deletion_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let orphan = quickstart().replace(
+        "  description: Platform Key Vault",
+        "  description: Platform Key Vault\n  deletionPolicy: Orphan",
+    );
+    std::fs::write(dir.path().join("q.yaml"), orphan).unwrap();
+    assert_eq!(
+        appconn(dir.path(), &["apply", "-f", "q.yaml"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let out = appconn(dir.path(), &["delete", "-f", "q.yaml", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let action = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap()["action"].clone();
+    assert_eq!(action("warehouse"), "delete");
+    assert_eq!(action("key-vault"), "release");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let records = rt.block_on(async {
+        let keys =
+            appconn::keys::InstallationKeys::load_or_create_file(&dir.path().join("appconn.key"))
+                .unwrap();
+        let store =
+            appconn::store::SqliteStore::open(&dir.path().join("appconn.db"), &keys.store_keys)
+                .await
+                .unwrap();
+        appconn::store::StoreEngine::list(&store, None)
+            .await
+            .unwrap()
+    });
+    let names: Vec<&str> = records.iter().map(|r| r.connection_name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["key-vault"],
+        "only the orphaned connection stays in the store"
+    );
+    assert!(
+        appconn(dir.path(), &["get", "-o", "json"])
+            .stdout
+            .starts_with(b"[]")
+    );
+}
+
+#[test]
+fn no_secret_value_in_the_store_file_or_any_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = quickstart().replace("example-password-change-me", CANARY);
+    std::fs::write(dir.path().join("q.yaml"), &manifests).unwrap();
+    let mut printed = String::new();
+    for args in [
+        vec!["apply", "-f", "q.yaml"],
+        vec!["apply", "-f", "q.yaml", "-o", "json"],
+        vec!["apply", "-f", "q.yaml", "-o", "yaml", "--dry-run"],
+        vec!["get", "-o", "yaml"],
+        vec!["get", "-o", "json"],
+        vec!["get"],
+    ] {
+        printed.push_str(&text(&appconn(dir.path(), &args)));
+    }
+    std::fs::write(
+        dir.path().join("q.yaml"),
+        manifests.replace(CANARY, &format!("{CANARY}-2")),
+    )
+    .unwrap();
+    printed.push_str(&text(&appconn(
+        dir.path(),
+        &["apply", "-f", "q.yaml", "-o", "yaml"],
+    )));
+    assert!(printed.contains("hmac-sha256:"));
+    assert!(!printed.contains(CANARY), "a secret value was printed");
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
+            "{} holds a secret value in clear",
+            path.display()
+        );
+    }
+}
+
+struct Case {
+    name: &'static str,
+    yaml: String,
+    exit: i32,
+    expect: &'static str,
+}
+
+fn conn(spec: &str) -> String {
+    format!(
+        "apiVersion: appconn.io/v1alpha1\nkind: AppConnection\nmetadata: {{name: c1, namespace: ns}}\nspec:\n{spec}"
+    )
+}
+
+fn secret(data: &str) -> String {
+    format!("---\napiVersion: v1\nkind: Secret\nmetadata: {{name: s, namespace: ns}}\n{data}")
+}
+
+fn bad_inputs() -> Vec<Case> {
+    vec![
+        Case {
+            name: "missing Secret",
+            yaml: conn("  app: a\n  credentials:\n    p: {secretKeyRef: {name: nope, key: k}}\n"),
+            exit: 1,
+            expect: "SecretNotFound",
+        },
+        Case {
+            name: "missing key",
+            yaml: conn("  app: a\n  credentials:\n    p: {secretKeyRef: {name: s, key: other}}\n")
+                + &secret("stringData: {k: v}\n"),
+            exit: 1,
+            expect: "SecretKeyNotFound",
+        },
+        Case {
+            name: "non-UTF-8 data for a string field",
+            yaml: conn("  app: a\n  credentials:\n    p: {secretKeyRef: {name: s, key: k}}\n")
+                + &secret("data: {k: /w==}\n"),
+            exit: 1,
+            expect: "not UTF-8",
+        },
+        Case {
+            name: "abc as a number",
+            yaml: conn(
+                "  app: a\n  credentials:\n    port: {secretKeyRef: {name: s, key: k, format: number}}\n",
+            ) + &secret("stringData: {k: abc}\n"),
+            exit: 1,
+            expect: "not a number",
+        },
+        Case {
+            name: "maybe as a boolean",
+            yaml: conn(
+                "  app: a\n  credentials:\n    ssl: {secretKeyRef: {name: s, key: k, format: boolean}}\n",
+            ) + &secret("stringData: {k: maybe}\n"),
+            exit: 1,
+            expect: "not a boolean",
+        },
+        Case {
+            name: "bad JSON",
+            yaml: conn(
+                "  app: a\n  credentials:\n    key: {secretKeyRef: {name: s, key: k, format: json}}\n",
+            ) + &secret("stringData: {k: '{oops'}\n"),
+            exit: 1,
+            expect: "not valid JSON",
+        },
+        Case {
+            name: "field with two sources",
+            yaml: conn(
+                "  app: a\n  credentials:\n    p: {value: x, secretKeyRef: {name: s, key: k}}\n",
+            ) + &secret("stringData: {k: v}\n"),
+            exit: 1,
+            expect: "exactly one source",
+        },
+        Case {
+            name: "field from credentials and credentialsFrom",
+            yaml: conn(
+                "  app: a\n  credentials:\n    k: {value: x}\n  credentialsFrom:\n    - secretRef: {name: s}\n",
+            ) + &secret("stringData: {k: v}\n"),
+            exit: 1,
+            expect: "comes from two places",
+        },
+        Case {
+            name: "secretKeyRef with a namespace",
+            yaml: conn(
+                "  app: a\n  credentials:\n    p: {secretKeyRef: {name: s, key: k, namespace: other}}\n",
+            ),
+            exit: 1,
+            expect: "same-namespace only",
+        },
+        Case {
+            name: "unknown backendRef kind",
+            yaml: conn("  app: a\n  backendRef: {kind: Vault, name: v}\n"),
+            exit: 1,
+            expect: "unknown variant `Vault`",
+        },
+        Case {
+            name: "backendRef to a backend not applied",
+            yaml: conn("  app: a\n  backendRef: {kind: ConnectionBackend, name: gone}\n"),
+            exit: 1,
+            expect: "BackendNotFound",
+        },
+        Case {
+            name: "invalid YAML",
+            yaml: "apiVersion: v1\nkind: [unclosed\n".into(),
+            exit: 2,
+            expect: "invalid YAML",
+        },
+        Case {
+            name: "AppConnection without app",
+            yaml: conn("  description: no app\n"),
+            exit: 1,
+            expect: "missing field `app`",
+        },
+        Case {
+            name: "rotation interval 0",
+            yaml: conn("  app: a\n  rotation: {enabled: true, intervalDays: 0}\n"),
+            exit: 1,
+            expect: "between 1 and 365",
+        },
+        Case {
+            name: "rotation interval 400",
+            yaml: conn("  app: a\n  rotation: {enabled: true, intervalDays: 400}\n"),
+            exit: 1,
+            expect: "between 1 and 365",
+        },
+        Case {
+            name: "name the built-in store refuses",
+            yaml: conn("  app: a\n  connectionName: has spaces\n"),
+            exit: 1,
+            expect: "InvalidSpec",
+        },
+        Case {
+            name: "unknown field",
+            yaml: conn("  app: a\n  credentails: {}\n"),
+            exit: 1,
+            expect: "unknown field spec.credentails",
+        },
+        Case {
+            name: "document without kind",
+            yaml: "apiVersion: v1\nmetadata: {name: x}\n".into(),
+            exit: 1,
+            expect: "apiVersion and kind are required",
+        },
+    ]
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_leave_nothing_behind() {
+    let cases = bad_inputs();
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.yaml"), &case.yaml).unwrap();
+        let out = appconn(dir.path(), &["apply", "-f", "in.yaml"]);
+        let shown = text(&out);
+        assert_eq!(out.status.code(), Some(case.exit), "{}: {shown}", case.name);
+        assert!(
+            shown.contains(case.expect),
+            "{}: expected {:?} in: {shown}",
+            case.name,
+            case.expect
+        );
+        assert!(!shown.contains("panicked"), "{}: {shown}", case.name);
+        if case.exit == 2 {
+            assert_eq!(
+                shown.lines().count(),
+                1,
+                "{}: one line for a person: {shown}",
+                case.name
+            );
+        }
+        if dir.path().join("appconn.db").exists() {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let records = rt.block_on(async {
+                let keys = appconn::keys::InstallationKeys::load_or_create_file(
+                    &dir.path().join("appconn.key"),
+                )
+                .unwrap();
+                let store = appconn::store::SqliteStore::open(
+                    &dir.path().join("appconn.db"),
+                    &keys.store_keys,
+                )
+                .await
+                .unwrap();
+                appconn::store::StoreEngine::list(&store, None)
+                    .await
+                    .unwrap()
+            });
+            assert!(records.is_empty(), "{}: left a record behind", case.name);
+        }
+    }
+}
+
+#[test]
+fn unknown_kinds_are_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n",
+        quickstart()
+    );
+    std::fs::write(dir.path().join("in.yaml"), yaml).unwrap();
+    let out = appconn(dir.path(), &["apply", "-f", "in.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("Deployment default/web (apps/v1): not handled by appconn, skipped")
+    );
+}
+
+#[test]
+fn directories_are_read_recursively_and_empty_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("nested")).unwrap();
+    let out = appconn(dir.path(), &["apply", "-f", "empty"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("no manifests found"), "{}", text(&out));
+
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("b")).unwrap();
+    let docs: Vec<&str> = quickstart().leak().split("\n---\n").collect();
+    std::fs::write(tree.join("a.yaml"), docs[..2].join("\n---\n")).unwrap();
+    std::fs::write(tree.join("b/c.yml"), docs[2..].join("\n---\n")).unwrap();
+    std::fs::write(tree.join("b/README.md"), "not a manifest").unwrap();
+    let out = appconn(dir.path(), &["apply", "-f", "tree", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["lakehouse", "warehouse", "key-vault"]);
+}
+
+#[test]
+fn store_problems_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("q.yaml"), quickstart()).unwrap();
+
+    // Unwritable: the store path is under a regular file.
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let out = appconn(
+        dir.path(),
+        &[
+            "apply",
+            "-f",
+            "q.yaml",
+            "--store",
+            "file/appconn.db",
+            "--key-file",
+            "k.key",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("cannot open store"), "{}", text(&out));
+
+    // Corrupt.
+    std::fs::write(dir.path().join("corrupt.db"), vec![0x42u8; 8192]).unwrap();
+    let out = appconn(
+        dir.path(),
+        &["apply", "-f", "q.yaml", "--store", "corrupt.db"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(text(&out).lines().count(), 1, "{}", text(&out));
+
+    // Wrong key: refused, and the data still reads with the right key.
+    assert_eq!(
+        appconn(dir.path(), &["apply", "-f", "q.yaml"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let right = dir.path().join("appconn.key");
+    let saved = std::fs::read(&right).unwrap();
+    let out = appconn(
+        dir.path(),
+        &["apply", "-f", "q.yaml", "--key-file", "other.key"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).to_lowercase().contains("key"), "{}", text(&out));
+    assert_eq!(std::fs::read(&right).unwrap(), saved);
+    let out = appconn(dir.path(), &["apply", "-f", "q.yaml", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rows.iter().all(|r| r["action"] == "noop"), "{rows:?}");
+}

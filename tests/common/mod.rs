@@ -1,0 +1,319 @@
+//! The integration-test harness: a Kubernetes API (the test server, or a real cluster when
+//! `APPCONN_TEST_KUBECONFIG` names a kubeconfig) with the CRDs from `crds/`, a namespace of the
+//! test's own, and the real operator started in-process.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use appconn::controller::leader::LeaseConfig;
+use appconn::controller::operator::{self, OperatorOptions};
+use appconn::crd::AppConnection;
+use appconn_testkit::apiserver::TestApiServer;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use tokio::sync::oneshot;
+
+pub struct Cluster {
+    /// The test server; None against a real cluster (its write counters are then unknown).
+    pub server: Option<TestApiServer>,
+    pub client: Client,
+    /// A namespace of this test's own.
+    pub namespace: String,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        if std::env::var_os("RUST_LOG").is_some() {
+            appconn::telemetry::init(appconn::telemetry::LogFormat::Plain);
+        }
+        let (server, client) = match std::env::var("APPCONN_TEST_KUBECONFIG") {
+            Ok(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
+                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .expect("kubeconfig usable");
+                (None, Client::try_from(config).expect("client"))
+            }
+            Err(_) => {
+                let server = TestApiServer::start().await;
+                let client = server.client();
+                (Some(server), client)
+            }
+        };
+        install_crds(&client).await;
+        let namespace = format!("appconn-test-{}", &uuid::Uuid::new_v4().to_string()[..8]);
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        Cluster {
+            server,
+            client,
+            namespace,
+        }
+    }
+
+    pub fn connections(&self) -> Api<AppConnection> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Writes to `resource` counted by the test server (None on a real cluster).
+    pub fn writes(&self, resource: &str) -> Option<u64> {
+        self.server.as_ref().map(|s| s.writes(resource))
+    }
+
+    /// Creates or replaces a Secret with string data.
+    pub async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "stringData": data.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        }))
+        .unwrap();
+        let params = PatchParams::apply("appconn-tests").force();
+        self.secrets()
+            .patch(name, &params, &Patch::Apply(&secret))
+            .await
+            .unwrap();
+    }
+
+    /// Creates an AppConnection from a spec.
+    pub async fn create_connection(&self, name: &str, spec: serde_json::Value) -> AppConnection {
+        let conn: AppConnection = serde_json::from_value(serde_json::json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "AppConnection",
+            "metadata": {"name": name, "namespace": self.namespace}, "spec": spec,
+        }))
+        .unwrap();
+        self.connections()
+            .create(&PostParams::default(), &conn)
+            .await
+            .unwrap()
+    }
+
+    /// Polls `get` of the connection until `check` holds, failing after `timeout`.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&AppConnection) -> bool,
+    ) -> AppConnection {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(conn) = self.connections().get_opt(name).await.unwrap() {
+                if check(&conn) {
+                    return conn;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "{name}: timed out waiting for {what}; last seen: {:?}",
+                        conn.status
+                    );
+                }
+            } else if Instant::now() > deadline {
+                panic!("{name}: timed out waiting for {what}; the object is gone");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_gone(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.connections().get_opt(name).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "{name} was not deleted in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Ready=True with this reason.
+pub fn ready(conn: &AppConnection) -> bool {
+    condition(conn).is_some_and(|(status, _, _)| status == "True")
+}
+
+/// (status, reason, message) of the Ready condition.
+pub fn condition(conn: &AppConnection) -> Option<(String, String, String)> {
+    let c = conn
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+pub fn reason_is(conn: &AppConnection, reason: &str) -> bool {
+    condition(conn).is_some_and(|(_, r, _)| r == reason)
+}
+
+async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        let params = PatchParams::apply("appconn-tests").force();
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap();
+        names.push(name);
+    }
+    for name in names {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let crd = api.get(&name).await.unwrap();
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            assert!(Instant::now() < deadline, "CRD {name} not established");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A running operator; stopped (gracefully) by `stop` or when dropped.
+pub struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub admin: String,
+}
+
+/// Where an operator keeps its store and key file.
+#[derive(Clone)]
+pub struct Paths {
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: &Path) -> Paths {
+        Paths {
+            dir: dir.to_path_buf(),
+        }
+    }
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("appconn.db")
+    }
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("appconn.key")
+    }
+}
+
+pub struct OperatorSettings {
+    pub refresh: Duration,
+    pub leader_elect: Option<String>,
+}
+
+impl Default for OperatorSettings {
+    fn default() -> Self {
+        OperatorSettings {
+            refresh: Duration::from_secs(600),
+            leader_elect: None,
+        }
+    }
+}
+
+impl Operator {
+    pub async fn start(cluster: &Cluster, paths: &Paths, settings: OperatorSettings) -> Operator {
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let mut lease = LeaseConfig::new(
+            &cluster.namespace,
+            "appconn-leader",
+            settings
+                .leader_elect
+                .clone()
+                .unwrap_or_else(|| "solo".into()),
+        );
+        lease.lease_duration = Duration::from_secs(2);
+        lease.renew_every = Duration::from_millis(500);
+        let opts = OperatorOptions {
+            namespaces: vec![cluster.namespace.clone()],
+            operator_namespace: cluster.namespace.clone(),
+            concurrency: 16,
+            store: paths.store(),
+            key_secret: "appconn-store-key".into(),
+            key_file: Some(paths.key_file()),
+            admin,
+            store_api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            leader_elect: settings.leader_elect.is_some(),
+            lease,
+            default_refresh: settings.refresh,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let client = cluster.client.clone();
+        let task = tokio::spawn(async move {
+            operator::run(client, opts, async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("operator runs");
+        });
+        Operator {
+            stop: Some(tx),
+            task: Some(task),
+            admin: admin_url,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Runs `f` repeatedly until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
