@@ -467,3 +467,40 @@ async fn leader_election_one_reconciles_and_the_other_takes_over() {
     assert_eq!(records(&paths).await.len(), 2);
     follower.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_connections_are_left_alone_until_resumed() {
+    let cluster = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(dir.path());
+    let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
+    cluster
+        .put_secret("mssql", &[("username", "sa"), ("password", "pw")])
+        .await;
+    let mut spec = mssql_spec();
+    spec["suspend"] = json!(true);
+    cluster.create_connection("paused", spec).await;
+    let conn = cluster
+        .wait_for("paused", WAIT, "Suspended", |c| reason_is(c, "Suspended"))
+        .await;
+    assert_eq!(condition(&conn).unwrap().0, "False");
+    assert_eq!(conn.status.as_ref().unwrap().observed_generation, Some(1));
+    assert!(
+        records(&paths).await.is_empty(),
+        "nothing written while suspended"
+    );
+
+    cluster
+        .connections()
+        .patch(
+            "paused",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .unwrap();
+    let conn = cluster.wait_for("paused", WAIT, "Ready", ready).await;
+    assert_eq!(conn.status.unwrap().observed_generation, Some(2));
+    assert_eq!(records(&paths).await.len(), 1);
+    operator.stop().await;
+}

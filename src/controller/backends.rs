@@ -217,9 +217,9 @@ fn default_project(provider: &BackendProvider) -> Option<String> {
 
 /// Reads backend auth Secrets through the API: from the backend's own namespace for the
 /// namespaced kind, from the namespace each reference names for the cluster kind.
-struct ApiSecrets {
-    client: Client,
-    namespace: Option<String>,
+pub(super) struct ApiSecrets {
+    pub(super) client: Client,
+    pub(super) namespace: Option<String>,
 }
 
 #[async_trait::async_trait]

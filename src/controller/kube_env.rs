@@ -181,12 +181,11 @@ impl Environment for KubeEnv {
             action: event.action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&event, &conn.object_ref(&()))
-            .await
-        {
+        // Without the resourceVersion, a repeated Event about the same object is counted in
+        // one series instead of piling up as new Event objects.
+        let mut regarding = conn.object_ref(&());
+        regarding.resource_version = None;
+        if let Err(e) = self.ctx.recorder.publish(&event, &regarding).await {
             tracing::warn!(error = %e, "cannot record an Event");
         }
     }

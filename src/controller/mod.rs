@@ -1,5 +1,6 @@
 //! kube-runtime wiring: watches, the Secret and backend index, backoff, leader election.
 
+mod backend_status;
 mod backends;
 mod backoff;
 mod connections;

@@ -96,6 +96,16 @@ pub async fn run_controllers(
     let (namespace_store, task) = cache(Api::<Namespace>::all(client.clone()), None);
     cache_tasks.push(task);
     drop(backend_tx);
+    // The backends' own Ready condition (auth + health check), which the Registry heeds.
+    cache_tasks.push(
+        super::backend_status::run(
+            client.clone(),
+            scopes.clone(),
+            config.metrics.clone(),
+            shutdown.clone(),
+        )
+        .boxed(),
+    );
 
     let reporter = Reporter {
         controller: "appconn".into(),

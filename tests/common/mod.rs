@@ -21,6 +21,8 @@ pub struct Cluster {
     /// The test server; None against a real cluster (its write counters are then unknown).
     pub server: Option<TestApiServer>,
     pub client: Client,
+    /// How to reach the API: the operator gets a client of its own from it.
+    pub config: kube::Config,
     /// A namespace of this test's own.
     pub namespace: String,
 }
@@ -30,20 +32,21 @@ impl Cluster {
         if std::env::var_os("RUST_LOG").is_some() {
             appconn::telemetry::init(appconn::telemetry::LogFormat::Plain);
         }
-        let (server, client) = match std::env::var("APPCONN_TEST_KUBECONFIG") {
+        let (server, config) = match std::env::var("APPCONN_TEST_KUBECONFIG") {
             Ok(path) => {
                 let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
                 let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                     .await
                     .expect("kubeconfig usable");
-                (None, Client::try_from(config).expect("client"))
+                (None, config)
             }
             Err(_) => {
                 let server = TestApiServer::start().await;
-                let client = server.client();
-                (Some(server), client)
+                let config = server.kube_config();
+                (Some(server), config)
             }
         };
+        let client = Client::try_from(config.clone()).expect("client");
         install_crds(&client).await;
         let namespace = format!("appconn-test-{}", &uuid::Uuid::new_v4().to_string()[..8]);
         let ns = Namespace {
@@ -60,6 +63,7 @@ impl Cluster {
         Cluster {
             server,
             client,
+            config,
             namespace,
         }
     }
@@ -199,6 +203,8 @@ pub struct Operator {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub admin: String,
+    /// Base URL of the store read API.
+    pub store_api: String,
 }
 
 /// Where an operator keeps its store and key file.
@@ -224,6 +230,8 @@ impl Paths {
 pub struct OperatorSettings {
     pub refresh: Duration,
     pub leader_elect: Option<String>,
+    /// Keep the installation keys in a Secret (as in a cluster) instead of the key file.
+    pub keys_in_secret: bool,
 }
 
 impl Default for OperatorSettings {
@@ -231,14 +239,20 @@ impl Default for OperatorSettings {
         OperatorSettings {
             refresh: Duration::from_secs(600),
             leader_elect: None,
+            keys_in_secret: false,
         }
     }
 }
+
+/// The User-Agent of the operator's client, to tell its requests from the test's.
+pub const OPERATOR_AGENT: &str = "appconn-operator";
 
 impl Operator {
     pub async fn start(cluster: &Cluster, paths: &Paths, settings: OperatorSettings) -> Operator {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let store_api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let store_api_url = format!("http://{}", store_api.local_addr().unwrap());
         let mut lease = LeaseConfig::new(
             &cluster.namespace,
             "appconn-leader",
@@ -255,15 +269,20 @@ impl Operator {
             concurrency: 16,
             store: paths.store(),
             key_secret: "appconn-store-key".into(),
-            key_file: Some(paths.key_file()),
+            key_file: (!settings.keys_in_secret).then(|| paths.key_file()),
             admin,
-            store_api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            store_api,
             leader_elect: settings.leader_elect.is_some(),
             lease,
             default_refresh: settings.refresh,
         };
         let (tx, rx) = oneshot::channel::<()>();
-        let client = cluster.client.clone();
+        let mut config = cluster.config.clone();
+        config.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(OPERATOR_AGENT),
+        ));
+        let client = Client::try_from(config).expect("operator client");
         let task = tokio::spawn(async move {
             operator::run(client, opts, async move {
                 let _ = rx.await;
@@ -275,6 +294,7 @@ impl Operator {
             stop: Some(tx),
             task: Some(task),
             admin: admin_url,
+            store_api: store_api_url,
         }
     }
 

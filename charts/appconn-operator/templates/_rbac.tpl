@@ -12,26 +12,20 @@ Each rule is commented with the call that needs it; tests/manifests.rs compares 
 list of calls the controller makes.
 */}}
 {{- define "appconn.rbac.namespacedRules" -}}
-# Reconciled objects: watched (get/list/watch); metadata changed with patch (finalizer
-# appconn.io/cleanup) and update (the appconn.io/create-pending marker is written with an
-# optimistic lock, so it never overwrites a newer object).
+# Reconciled objects: list/watch feed the cache; get reads the latest copy when the cache may
+# lag behind the operator's own writes; patch adds and removes the finalizer appconn.io/cleanup
+# and the appconn.io/create-pending marker (JSON patches).
 - apiGroups: ["appconn.io"]
   resources: ["appconnections"]
-  verbs: ["get", "list", "watch", "patch", "update"]
-# AppConnection status: written by server-side apply (patch); get and update for reading and
-# replacing it under a resourceVersion check.
+  verbs: ["get", "list", "watch", "patch"]
+# AppConnection status: written by server-side apply.
 - apiGroups: ["appconn.io"]
   resources: ["appconnections/status"]
-  verbs: ["get", "patch", "update"]
-# Clusters running the OwnerReferencesPermissionEnforcement admission plugin (OpenShift) check
-# update on this subresource before a controller may manage the object's finalizers.
-- apiGroups: ["appconn.io"]
-  resources: ["appconnections/finalizers"]
-  verbs: ["update"]
-# Namespaced backends named by AppConnection.spec.backendRef: watched to resolve the reference.
+  verbs: ["patch"]
+# Namespaced backends named by AppConnection.spec.backendRef: cached from a watch.
 - apiGroups: ["appconn.io"]
   resources: ["connectionbackends"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # ConnectionBackend status: the Ready condition from the backend's auth and health check.
 - apiGroups: ["appconn.io"]
   resources: ["connectionbackends/status"]
@@ -41,17 +35,19 @@ list of calls the controller makes.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
-# Events on AppConnections and backends (Created, Updated, DriftCorrected, RotationOverdue, ...).
+# Events on AppConnections and backends (Created, Updated, DriftCorrected, RotationOverdue, ...):
+# create, and patch to count a repeated event in its series.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
 
 {{- define "appconn.rbac.clusterRules" -}}
-# ClusterConnectionBackends are cluster-scoped: watched to resolve AppConnection.spec.backendRef.
+# ClusterConnectionBackends are cluster-scoped: cached from a watch to resolve
+# AppConnection.spec.backendRef.
 - apiGroups: ["appconn.io"]
   resources: ["clusterconnectionbackends"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # ClusterConnectionBackend status: the Ready condition from the backend's auth and health check.
 - apiGroups: ["appconn.io"]
   resources: ["clusterconnectionbackends/status"]
@@ -60,7 +56,7 @@ list of calls the controller makes.
 # use it.
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # Store read API: authenticates each caller's bearer token.
 - apiGroups: ["authentication.k8s.io"]
   resources: ["tokenreviews"]

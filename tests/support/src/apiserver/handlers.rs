@@ -271,6 +271,10 @@ async fn resource(
             subresource: rp.subresource.clone().unwrap_or_default(),
             namespace: rp.namespace.clone(),
             name: rp.name.clone(),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         });
         let def = state
             .def(&rp.group, &rp.version, &rp.plural)

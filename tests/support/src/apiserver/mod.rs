@@ -61,6 +61,8 @@ pub struct RequestRecord {
     pub subresource: String,
     pub namespace: Option<String>,
     pub name: Option<String>,
+    /// The client's User-Agent, which tells one client's requests from another's.
+    pub user_agent: Option<String>,
 }
 
 /// State shared by the HTTP handlers, the watch streams and the test-facing handle.

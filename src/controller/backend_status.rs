@@ -1,0 +1,698 @@
+//! The status of ConnectionBackends and ClusterConnectionBackends: a real auth and health check
+//! of each backend (`Backend::check`: login, then `GET /api/status` for Infisical), written as
+//! the `Ready` condition.
+//!
+//! A backend is checked when it changes, when one of its auth Secrets changes, and every few
+//! minutes (jittered); a transient failure is retried with backoff. The status is written only
+//! when something other than `lastCheckTime` changed, so a healthy backend costs no API write.
+//! The client used for the check is kept between checks (its token and its login cool-down with
+//! it) until the resource's generation or the content of its auth Secrets changes.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, future};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{self, Action};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{info, instrument, warn};
+
+use super::backends::ApiSecrets;
+use super::backoff::{Backoff, jitter};
+use crate::backend::infisical::{InfisicalBackend, InfisicalConfig};
+use crate::backend::{self, Backend, SecretSource};
+use crate::crd::{
+    BackendKind, BackendProvider, BackendSecretKeySelector, ClusterConnectionBackend,
+    ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
+};
+use crate::metrics::Metrics;
+use crate::reconcile::{BackendLookupError, Reason};
+use crate::secret::SecretString;
+
+/// How often a backend is checked again when nothing changed (jittered by ±10%).
+const CHECK_EVERY: Duration = Duration::from_secs(5 * 60);
+/// The condition type this controller maintains.
+const READY: &str = "Ready";
+
+/// What the status controllers need from the two backend kinds.
+pub(super) trait BackendResource:
+    Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Serialize + Send + Sync + 'static
+{
+    const KIND: BackendKind;
+    fn provider(&self) -> &BackendProvider;
+    fn backend_status(&self) -> Option<&ConnectionBackendStatus>;
+    /// The API to write the status through.
+    fn api(client: Client, namespace: &str) -> Api<Self>;
+    /// Where its auth Secrets are read: its own namespace for the namespaced kind, the
+    /// namespace each reference names (None) for the cluster kind.
+    fn secret_namespace(&self) -> Option<String>;
+}
+
+impl BackendResource for ConnectionBackend {
+    const KIND: BackendKind = BackendKind::ConnectionBackend;
+    fn provider(&self) -> &BackendProvider {
+        &self.spec.provider
+    }
+    fn backend_status(&self) -> Option<&ConnectionBackendStatus> {
+        self.status.as_ref()
+    }
+    fn api(client: Client, namespace: &str) -> Api<Self> {
+        Api::namespaced(client, namespace)
+    }
+    fn secret_namespace(&self) -> Option<String> {
+        Some(self.namespace().unwrap_or_default())
+    }
+}
+
+impl BackendResource for ClusterConnectionBackend {
+    const KIND: BackendKind = BackendKind::ClusterConnectionBackend;
+    fn provider(&self) -> &BackendProvider {
+        &self.spec.provider
+    }
+    fn backend_status(&self) -> Option<&ConnectionBackendStatus> {
+        self.status.as_ref()
+    }
+    fn api(client: Client, _namespace: &str) -> Api<Self> {
+        Api::all(client)
+    }
+    fn secret_namespace(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Kind, namespace ("" for the cluster kind), name.
+type Key = (BackendKind, String, String);
+
+/// A client kept between checks.
+struct Checker {
+    uid: String,
+    generation: i64,
+    /// SHA-256 over the auth Secrets it was built from (never stored or shown anywhere).
+    secrets: [u8; 32],
+    backend: Arc<dyn Backend>,
+}
+
+pub(super) struct StatusContext {
+    client: Client,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    backoff: Backoff,
+    checkers: Mutex<HashMap<Key, Checker>>,
+    /// uid -> resourceVersion of the status this process last wrote: a cached copy with another
+    /// version is read again before deciding (the watch can lag behind our own write).
+    known: Mutex<HashMap<String, String>>,
+}
+
+/// A check that could not finish (the API failed): retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Error {
+    #[error("reading {0}: {1}")]
+    Read(String, #[source] kube::Error),
+    #[error("writing the status of {0}: {1}")]
+    Write(String, #[source] kube::Error),
+}
+
+/// When to look again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Next {
+    /// Every [`CHECK_EVERY`].
+    Periodic,
+    /// Transient failure: back off, at least `retry_after`.
+    Backoff(Option<Duration>),
+    /// Only when the resource or one of its Secrets changes.
+    WaitForChange,
+}
+
+/// What a check found.
+#[derive(Clone, Debug)]
+struct Checked {
+    ready: bool,
+    reason: Reason,
+    /// Built from names and classified backend errors, never from a secret value.
+    message: String,
+    next: Next,
+}
+
+impl Checked {
+    fn ok(message: String, next: Next) -> Self {
+        Self {
+            ready: true,
+            reason: Reason::Synced,
+            message,
+            next,
+        }
+    }
+
+    fn failed(reason: Reason, message: String, next: Next) -> Self {
+        Self {
+            ready: false,
+            reason,
+            message,
+            next,
+        }
+    }
+}
+
+/// Runs the status controllers of both backend kinds, the namespaced kind once per scope
+/// (`None`: all namespaces), until `shutdown` resolves.
+pub(super) async fn run(
+    client: Client,
+    scopes: Vec<Option<String>>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
+) {
+    let ctx = Arc::new(StatusContext {
+        client: client.clone(),
+        metrics,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "appconn".into(),
+                instance: None,
+            },
+        ),
+        backoff: Backoff::default(),
+        checkers: Mutex::new(HashMap::new()),
+        known: Mutex::new(HashMap::new()),
+    });
+
+    let (cluster_tx, cluster_rx) = mpsc::unbounded_channel();
+    let cluster = Controller::new(
+        Api::<DeserializeGuard<ClusterConnectionBackend>>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let cluster_store = cluster.store();
+    let mut tasks = vec![drive(cluster, cluster_rx, ctx.clone(), shutdown.clone()).boxed()];
+    for scope in scopes {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let api: Api<DeserializeGuard<ConnectionBackend>> = match &scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let controller = Controller::new(api, watcher::Config::default().any_semantic());
+        let store = controller.store();
+        tasks.push(drive(controller, rx, ctx.clone(), shutdown.clone()).boxed());
+        // Metadata only: Secret data is read when a check runs, never cached.
+        let secrets: Api<PartialObjectMeta<Secret>> = match &scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let cluster_store = cluster_store.clone();
+        let cluster_tx = cluster_tx.clone();
+        let triggers = watcher(secrets, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .touched_objects()
+            .take_until(shutdown.clone())
+            .for_each(move |secret| {
+                match secret {
+                    Ok(secret) => {
+                        let ns = secret.namespace().unwrap_or_default();
+                        let name = secret.name_any();
+                        for backend in users(&store, &ns, &name) {
+                            let _ = tx.send(backend);
+                        }
+                        for backend in users(&cluster_store, &ns, &name) {
+                            let _ = cluster_tx.send(backend);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "Secret watch error (backend status); retrying"),
+                }
+                future::ready(())
+            });
+        tasks.push(triggers.boxed());
+    }
+    drop(cluster_tx);
+    future::join_all(tasks).await;
+}
+
+/// Runs one status controller, also reconciling what `triggers` names.
+async fn drive<K: BackendResource>(
+    controller: Controller<DeserializeGuard<K>>,
+    triggers: mpsc::UnboundedReceiver<ObjectRef<DeserializeGuard<K>>>,
+    ctx: Arc<StatusContext>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    controller
+        .with_config(controller::Config::default().concurrency(4))
+        .reconcile_on(UnboundedReceiverStream::new(triggers))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::<K>, error_policy::<K>, ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                warn!(error = %e, kind = K::KIND.as_str(), "backend status controller event");
+            }
+            future::ready(())
+        })
+        .await;
+}
+
+/// The backends in `store` that read Secret `namespace/name`.
+fn users<K: BackendResource>(
+    store: &Store<DeserializeGuard<K>>,
+    namespace: &str,
+    name: &str,
+) -> Vec<ObjectRef<DeserializeGuard<K>>> {
+    store
+        .state()
+        .iter()
+        .filter_map(|guard| guard.0.as_ref().ok())
+        .filter(|backend| {
+            let own = backend.secret_namespace();
+            secret_refs(backend.provider()).iter().any(|r| {
+                r.name == name && own.as_deref().or(r.namespace.as_deref()) == Some(namespace)
+            })
+        })
+        .map(|backend| {
+            let reference = ObjectRef::new(&backend.name_any());
+            match backend.namespace() {
+                Some(ns) => reference.within(&ns),
+                None => reference,
+            }
+        })
+        .collect()
+}
+
+/// Every Secret reference of a provider block.
+fn secret_refs(provider: &BackendProvider) -> Vec<&BackendSecretKeySelector> {
+    let mut refs = Vec::new();
+    if let Some(infisical) = &provider.infisical {
+        let auth = &infisical.auth.universal_auth;
+        refs.push(&auth.client_id.secret_key_ref);
+        refs.push(&auth.client_secret.secret_key_ref);
+    }
+    if let Some(token) = provider.credible.as_ref().and_then(|c| c.token.as_ref()) {
+        refs.push(&token.secret_key_ref);
+    }
+    if let Some(matillion) = &provider.matillion {
+        refs.push(&matillion.auth.client_id.secret_key_ref);
+        refs.push(&matillion.auth.client_secret.secret_key_ref);
+    }
+    refs
+}
+
+#[instrument(skip_all, fields(kind = K::KIND.as_str(), namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any()))]
+async fn reconcile<K: BackendResource>(
+    obj: Arc<DeserializeGuard<K>>,
+    ctx: Arc<StatusContext>,
+) -> Result<Action, Error> {
+    let cached = match &obj.0 {
+        Ok(backend) => backend,
+        Err(invalid) => {
+            warn!(error = %invalid, "backend resource cannot be read; waiting for a change");
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: Reason::InvalidSpec.as_str().into(),
+                note: Some(format!("cannot read the {}: {invalid}", K::KIND.as_str())),
+                action: "Check".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&event, &obj.object_ref(&())).await;
+            return Ok(Action::await_change());
+        }
+    };
+    let Some(backend) = ctx.latest(cached).await? else {
+        return Ok(Action::await_change());
+    };
+    let uid = backend.uid().unwrap_or_default();
+    let checked = ctx.check(&backend).await;
+    let now = Timestamp::now();
+    let prior = backend.backend_status();
+    let status = next_status(prior, &backend, &checked, now);
+    if !same_but_check_time(prior, &status) {
+        ctx.write(&backend, &status).await?;
+        let before = prior.and_then(ready_condition);
+        let moved = before.is_none_or(|c| {
+            c.status != ready_str(checked.ready) || c.reason != checked.reason.as_str()
+        });
+        if moved {
+            info!(ready = checked.ready, reason = %checked.reason, message = %checked.message, "backend checked");
+            ctx.event(&backend, &checked).await;
+        }
+    }
+    Ok(match checked.next {
+        Next::Periodic => {
+            ctx.backoff.reset(&uid);
+            Action::requeue(jitter(CHECK_EVERY))
+        }
+        Next::Backoff(retry_after) => Action::requeue(ctx.backoff.next(&uid, retry_after)),
+        Next::WaitForChange => {
+            ctx.backoff.reset(&uid);
+            Action::await_change()
+        }
+    })
+}
+
+fn error_policy<K: BackendResource>(
+    obj: Arc<DeserializeGuard<K>>,
+    error: &Error,
+    ctx: Arc<StatusContext>,
+) -> Action {
+    warn!(name = %obj.name_any(), error = %error, "backend check failed; retrying with backoff");
+    Action::requeue(ctx.backoff.next(&obj.uid().unwrap_or_default(), None))
+}
+
+impl StatusContext {
+    /// The cached copy if it is the latest this process knows of, else the one the API holds.
+    async fn latest<K: BackendResource>(&self, cached: &K) -> Result<Option<K>, Error> {
+        let uid = cached.uid().unwrap_or_default();
+        let known = self.known.lock().expect("known lock").get(&uid).cloned();
+        if known.is_none() || known == cached.resource_version() {
+            return Ok(Some(cached.clone()));
+        }
+        let namespace = cached.namespace().unwrap_or_default();
+        let latest = K::api(self.client.clone(), &namespace)
+            .get_opt(&cached.name_any())
+            .await
+            .map_err(|e| Error::Read(cached.name_any(), e))?;
+        let mut known = self.known.lock().expect("known lock");
+        match (&latest, latest.as_ref().and_then(|l| l.resource_version())) {
+            (Some(_), Some(rv)) => {
+                known.insert(uid, rv);
+            }
+            _ => {
+                known.remove(&uid);
+            }
+        }
+        Ok(latest)
+    }
+
+    /// Builds (or reuses) the client and checks the backend.
+    async fn check<K: BackendResource>(&self, resource: &K) -> Checked {
+        let provider = resource.provider();
+        let Some(kind) = provider.type_name() else {
+            return Checked::failed(
+                Reason::InvalidSpec,
+                "exactly one provider block is required: builtin, infisical, credible or matillion"
+                    .into(),
+                Next::WaitForChange,
+            );
+        };
+        if kind == "builtin" {
+            return Checked::ok(
+                "the built-in store is part of the operator".into(),
+                Next::WaitForChange,
+            );
+        }
+        if let Err(message) = self.valid_spec(provider) {
+            return Checked::failed(Reason::InvalidSpec, message, Next::WaitForChange);
+        }
+        let key = (
+            K::KIND,
+            resource.namespace().unwrap_or_default(),
+            resource.name_any(),
+        );
+        let secrets = Digesting {
+            inner: ApiSecrets {
+                client: self.client.clone(),
+                namespace: resource.secret_namespace(),
+            },
+            digest: Mutex::new(Sha256::new()),
+        };
+        // Building makes no request: a client is cheap, its login is what a reuse saves.
+        let built = backend::build(provider, &secrets, self.metrics.clone()).await;
+        let backend = match built {
+            Ok((fresh, _)) => {
+                let digest: [u8; 32] = secrets
+                    .digest
+                    .into_inner()
+                    .expect("digest lock")
+                    .finalize()
+                    .into();
+                let uid = resource.uid().unwrap_or_default();
+                let generation = resource.meta().generation.unwrap_or_default();
+                let mut checkers = self.checkers.lock().expect("checkers lock");
+                match checkers.get(&key) {
+                    Some(c)
+                        if c.uid == uid && c.generation == generation && c.secrets == digest =>
+                    {
+                        c.backend.clone()
+                    }
+                    _ => {
+                        checkers.insert(
+                            key,
+                            Checker {
+                                uid,
+                                generation,
+                                secrets: digest,
+                                backend: fresh.clone(),
+                            },
+                        );
+                        fresh
+                    }
+                }
+            }
+            Err(e) => {
+                self.checkers.lock().expect("checkers lock").remove(&key);
+                let next = match e {
+                    BackendLookupError::Unavailable(_) => Next::Backoff(None),
+                    // A missing Secret or key: its watch brings the next check.
+                    _ => Next::WaitForChange,
+                };
+                return Checked::failed(e.reason(), e.to_string(), next);
+            }
+        };
+        match backend.check().await {
+            Ok(()) => Checked::ok(
+                format!(
+                    "{} accepted the credentials and is healthy",
+                    backend.provider()
+                ),
+                Next::Periodic,
+            ),
+            Err(e) if e.is_transient() => {
+                Checked::failed(e.reason(), e.to_string(), Next::Backoff(e.retry_after()))
+            }
+            // Refused credentials are tried again at the normal pace (the client holds a
+            // refused login back anyway); a Secret change brings a check with a new client.
+            Err(e) => Checked::failed(e.reason(), e.to_string(), Next::Periodic),
+        }
+    }
+
+    /// Spec problems no Secret can fix, found by the provider's own rules.
+    fn valid_spec(&self, provider: &BackendProvider) -> Result<(), String> {
+        if let Some(infisical) = &provider.infisical {
+            // The client with placeholder credentials applies the URL and CA bundle rules
+            // without a request.
+            let placeholder = || SecretString::new(String::new());
+            let config = InfisicalConfig::from_provider(
+                infisical,
+                provider.rate_limit,
+                placeholder(),
+                placeholder(),
+            );
+            InfisicalBackend::new(config, self.metrics.clone()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn write<K: BackendResource>(
+        &self,
+        resource: &K,
+        status: &ConnectionBackendStatus,
+    ) -> Result<(), Error> {
+        let body = json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let name = resource.name_any();
+        let written = K::api(
+            self.client.clone(),
+            &resource.namespace().unwrap_or_default(),
+        )
+        .patch_status(&name, &params, &Patch::Apply(body))
+        .await
+        .map_err(|e| Error::Write(name, e))?;
+        if let (Some(uid), Some(rv)) = (written.uid(), written.resource_version()) {
+            self.known.lock().expect("known lock").insert(uid, rv);
+        }
+        Ok(())
+    }
+
+    async fn event<K: BackendResource>(&self, resource: &K, checked: &Checked) {
+        let event = KubeEvent {
+            type_: if checked.ready {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: checked.reason.as_str().into(),
+            note: Some(checked.message.clone()),
+            action: "Check".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .recorder
+            .publish(&event, &resource.object_ref(&()))
+            .await
+        {
+            warn!(error = %e, "cannot record an Event");
+        }
+    }
+}
+
+/// Reads through the API and hashes what it read, to tell whether the Secrets changed since
+/// the kept client was built.
+struct Digesting {
+    inner: ApiSecrets,
+    digest: Mutex<Sha256>,
+}
+
+#[async_trait::async_trait]
+impl SecretSource for Digesting {
+    async fn get(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, String> {
+        let data = self.inner.get(namespace, name).await?;
+        let mut digest = self.digest.lock().expect("digest lock");
+        for part in [namespace.unwrap_or_default().as_bytes(), name.as_bytes()] {
+            digest.update((part.len() as u64).to_be_bytes());
+            digest.update(part);
+        }
+        match &data {
+            None => digest.update([0]),
+            Some(data) => {
+                digest.update([1]);
+                for (key, value) in data {
+                    for part in [key.as_bytes(), value.as_slice()] {
+                        digest.update((part.len() as u64).to_be_bytes());
+                        digest.update(part);
+                    }
+                }
+            }
+        }
+        Ok(data)
+    }
+}
+
+fn ready_str(ready: bool) -> &'static str {
+    if ready { "True" } else { "False" }
+}
+
+fn ready_condition(status: &ConnectionBackendStatus) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == READY)
+}
+
+/// The status after a check: the Ready condition replaced (`lastTransitionTime` moves only when
+/// its status moves), other conditions kept.
+fn next_status<K: BackendResource>(
+    prior: Option<&ConnectionBackendStatus>,
+    resource: &K,
+    checked: &Checked,
+    now: Timestamp,
+) -> ConnectionBackendStatus {
+    let generation = resource.meta().generation;
+    let status = ready_str(checked.ready);
+    let mut conditions = prior.map(|p| p.conditions.clone()).unwrap_or_default();
+    let transition = conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    conditions.retain(|c| c.type_ != READY);
+    conditions.push(Condition {
+        type_: READY.into(),
+        status: status.into(),
+        reason: checked.reason.as_str().into(),
+        message: checked.message.clone(),
+        observed_generation: generation,
+        last_transition_time: transition,
+    });
+    ConnectionBackendStatus {
+        type_: resource.provider().type_name().map(str::to_string),
+        last_check_time: Some(Time(now)),
+        observed_generation: generation,
+        conditions,
+    }
+}
+
+/// Whether two statuses differ in nothing but `lastCheckTime`.
+fn same_but_check_time(
+    prior: Option<&ConnectionBackendStatus>,
+    next: &ConnectionBackendStatus,
+) -> bool {
+    let Some(prior) = prior else {
+        return false;
+    };
+    let strip = |s: &ConnectionBackendStatus| ConnectionBackendStatus {
+        last_check_time: None,
+        ..s.clone()
+    };
+    strip(prior) == strip(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(generation: i64) -> ConnectionBackend {
+        let mut b: ConnectionBackend = serde_json::from_value(json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "ConnectionBackend",
+            "metadata": {"name": "b", "namespace": "ns"},
+            "spec": {"infisical": {"url": "https://infisical.example", "auth": {"universalAuth": {
+                "clientId": {"secretKeyRef": {"name": "mi", "key": "clientId"}},
+                "clientSecret": {"secretKeyRef": {"name": "mi", "key": "clientSecret"}}}}}},
+        }))
+        .unwrap();
+        b.metadata.generation = Some(generation);
+        b
+    }
+
+    #[test]
+    fn only_a_real_change_is_a_change() {
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let t1 = Timestamp::from_second(2_000).unwrap();
+        let ok = Checked::ok("fine".into(), Next::Periodic);
+        let first = next_status(None, &backend(1), &ok, t0);
+        assert!(!same_but_check_time(None, &first));
+        assert_eq!(first.type_.as_deref(), Some("infisical"));
+        let again = next_status(Some(&first), &backend(1), &ok, t1);
+        assert!(
+            same_but_check_time(Some(&first), &again),
+            "only the check time moved"
+        );
+        assert_eq!(again.conditions[0].last_transition_time, Time(t0));
+
+        let newer = next_status(Some(&first), &backend(2), &ok, t1);
+        assert!(
+            !same_but_check_time(Some(&first), &newer),
+            "generation moved"
+        );
+
+        let refused = Checked::failed(Reason::BackendAuthFailed, "no".into(), Next::Periodic);
+        let failed = next_status(Some(&first), &backend(1), &refused, t1);
+        assert!(!same_but_check_time(Some(&first), &failed));
+        assert_eq!(failed.conditions.len(), 1);
+        assert_eq!(failed.conditions[0].status, "False");
+        assert_eq!(failed.conditions[0].reason, "BackendAuthFailed");
+        assert_eq!(failed.conditions[0].last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn secret_users_by_kind() {
+        let b = backend(1);
+        let refs = secret_refs(b.provider());
+        assert_eq!(refs.len(), 2);
+        assert!(refs.iter().all(|r| r.name == "mi"));
+        assert_eq!(b.secret_namespace().as_deref(), Some("ns"));
+    }
+}
