@@ -504,3 +504,44 @@ async fn suspended_connections_are_left_alone_until_resumed() {
     assert_eq!(records(&paths).await.len(), 1);
     operator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_object_deleted_elsewhere_is_recreated_at_the_next_drift_check() {
+    let cluster = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(dir.path());
+    let settings = OperatorSettings {
+        refresh: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let operator = Operator::start(&cluster, &paths, settings).await;
+    cluster.put_secret("mssql", &[("username", "sa"), ("password", "pw")]).await;
+    cluster.create_connection("drifty", mssql_spec()).await;
+    let conn = cluster.wait_for("drifty", WAIT, "Ready", ready).await;
+    let first = conn.status.unwrap().id.unwrap();
+
+    let keys = InstallationKeys::load_or_create_file(&paths.key_file()).unwrap();
+    let store = SqliteStore::open(paths.store(), &keys.store_keys).await.unwrap();
+    assert!(store.delete(first.parse().unwrap()).await.unwrap());
+    store.close().await;
+
+    let conn = cluster
+        .wait_for("drifty", WAIT, "a new id", |c| {
+            ready(c) && c.status.as_ref().and_then(|s| s.id.as_deref()) != Some(first.as_str())
+        })
+        .await;
+    assert_eq!(records(&paths).await.len(), 1);
+    assert_eq!(conn.status.unwrap().version, Some(1), "same content, recreated");
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    eventually(WAIT, "a Recreated event", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Recreated"))
+    })
+    .await;
+    operator.stop().await;
+}

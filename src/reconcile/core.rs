@@ -12,7 +12,7 @@ use super::Reason;
 use super::plan::{self, Action, BackendInfo};
 use super::resolve::{self, SecretData};
 use super::status::{self, Observation};
-use crate::backend::{Backend, BackendError, Desired, Remote};
+use crate::backend::{Backend, BackendError, Desired, Remote, RemoteRotation};
 use crate::crd::{AppConnection, AppConnectionStatus, DeletionPolicy, FINALIZER};
 use crate::keys::HashKey;
 
@@ -59,6 +59,26 @@ pub struct Event {
     /// What the operator did: `Create`, `Update`, `Delete`, `Reconcile`.
     pub action: &'static str,
     pub note: String,
+}
+
+impl Event {
+    pub fn normal(reason: &'static str, note: String) -> Self {
+        Event {
+            type_: EventType::Normal,
+            reason,
+            action: "Reconcile",
+            note,
+        }
+    }
+
+    pub fn warning(reason: &'static str, note: String) -> Self {
+        Event {
+            type_: EventType::Warning,
+            reason,
+            action: "Reconcile",
+            note,
+        }
+    }
 }
 
 /// Where a driver keeps resources and reads Secrets and backends.
@@ -194,7 +214,7 @@ impl Reconciler {
                     latest = fresh;
                     &latest
                 }
-                None => return Ok(released(conn, "release")),
+                None => return Ok(released("release")),
             }
         } else {
             conn
@@ -286,67 +306,25 @@ impl Reconciler {
             .await
         {
             Ok(applied) => {
+                if let Some((reason, note)) = &applied.event {
+                    env.event(conn, Event::normal(reason, note.clone())).await;
+                }
                 let mut message = synced_message(&info);
-                let mut reason = Reason::Synced;
-                if let Some(rotation) = &applied.remote.rotation {
-                    if rotation.status.as_deref() == Some("overdue") {
-                        reason = Reason::RotationOverdue;
-                        message = rotation
-                            .last_message
-                            .clone()
-                            .unwrap_or_else(|| "credentials rotation is overdue".into());
-                    } else if rotation.status.as_deref() == Some("failed") {
-                        reason = Reason::RotationFailed;
-                        message = rotation
-                            .last_message
-                            .clone()
-                            .unwrap_or_else(|| "credentials rotation failed".into());
+                if let Some((reason, detail)) = rotation_problem(applied.remote.rotation.as_ref()) {
+                    let was = conn.status.as_ref().and_then(|s| s.rotation.as_ref());
+                    let now = applied.remote.rotation.as_ref();
+                    if was.and_then(|r| r.status.as_deref())
+                        != now.and_then(|r| r.status.as_deref())
+                    {
+                        env.event(conn, Event::warning(reason.as_str(), detail.clone()))
+                            .await;
                     }
-                }
-                if let Some((event_reason, note)) = &applied.event {
-                    env.event(
-                        conn,
-                        Event {
-                            type_: EventType::Normal,
-                            reason: event_reason,
-                            action: "Reconcile",
-                            note: note.clone(),
-                        },
-                    )
-                    .await;
-                }
-                let was = conn
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.rotation.as_ref())
-                    .and_then(|r| r.status.clone());
-                if reason != Reason::Synced
-                    && was.as_deref()
-                        != applied
-                            .remote
-                            .rotation
-                            .as_ref()
-                            .and_then(|r| r.status.as_deref())
-                {
-                    env.event(
-                        conn,
-                        Event {
-                            type_: EventType::Warning,
-                            reason: reason.as_str(),
-                            action: "Reconcile",
-                            note: message.clone(),
-                        },
-                    )
-                    .await;
+                    message = format!("{message}; {detail}");
                 }
                 let obs = Observation {
                     ready: true,
                     reason: Reason::Synced,
-                    message: if reason == Reason::Synced {
-                        message
-                    } else {
-                        format!("{}; {message}", synced_message(&info))
-                    },
+                    message,
                     remote: Some(applied.remote),
                     written_hash: applied.written.then(|| desired.credentials_hash.clone()),
                     rotation_enabled,
@@ -565,7 +543,7 @@ impl Reconciler {
             .as_ref()
             .is_some_and(|f| f.iter().any(|f| f == FINALIZER));
         if !has_finalizer {
-            return Ok(released(conn, "release"));
+            return Ok(released("release"));
         }
         let id = conn.status.as_ref().and_then(|s| s.id.clone());
         let pending = conn
@@ -579,12 +557,12 @@ impl Reconciler {
             let verb = if must_delete { "delete" } else { "release" };
             return Ok(Outcome {
                 action: verb,
-                ..released(conn, verb)
+                ..released(verb)
             });
         }
         if !must_delete {
             env.release(conn).await?;
-            return Ok(released(conn, "release"));
+            return Ok(released("release"));
         }
         let (backend, info) = match env.backend(conn).await {
             Ok(found) => found,
@@ -619,7 +597,7 @@ impl Reconciler {
                 env.release(conn).await?;
                 Ok(Outcome {
                     backend_writes: 1,
-                    ..released(conn, "delete")
+                    ..released("delete")
                 })
             }
             Err(e) => {
@@ -654,12 +632,7 @@ impl Reconciler {
         if changed && !opts.dry_run {
             env.event(
                 conn,
-                Event {
-                    type_: EventType::Warning,
-                    reason: obs.reason.as_str(),
-                    action: "Reconcile",
-                    note: obs.message.clone(),
-                },
+                Event::warning(obs.reason.as_str(), obs.message.clone()),
             )
             .await;
         }
@@ -718,6 +691,23 @@ fn observation(ready: bool, reason: Reason, message: String) -> Observation {
     }
 }
 
+/// A rotation the backend reports as overdue or failed: the reason and its message.
+fn rotation_problem(rotation: Option<&RemoteRotation>) -> Option<(Reason, String)> {
+    let rotation = rotation?;
+    let (reason, fallback) = match rotation.status.as_deref() {
+        Some("overdue") => (Reason::RotationOverdue, "credentials rotation is overdue"),
+        Some("failed") => (Reason::RotationFailed, "credentials rotation failed"),
+        _ => return None,
+    };
+    Some((
+        reason,
+        rotation
+            .last_message
+            .clone()
+            .unwrap_or_else(|| fallback.to_string()),
+    ))
+}
+
 fn synced_message(info: &BackendInfo) -> String {
     if info.provider == "builtin" {
         "connection is in the built-in store".to_string()
@@ -726,7 +716,7 @@ fn synced_message(info: &BackendInfo) -> String {
     }
 }
 
-fn released(_conn: &AppConnection, action: &'static str) -> Outcome {
+fn released(action: &'static str) -> Outcome {
     Outcome {
         action,
         ready: false,
