@@ -545,3 +545,186 @@ fn store_problems_are_one_clear_line() {
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(rows.iter().all(|r| r["action"] == "noop"), "{rows:?}");
 }
+
+mod infisical {
+    //! `appconn apply` against the fake Infisical: the real binary, real backend clients built
+    //! from the ConnectionBackend / ClusterConnectionBackend and Secrets in the files.
+
+    use super::*;
+    use appconn_testkit::fake::infisical::FakeInfisical;
+
+    const CLIENT_ID: &str = "5a0c4f0e-7d8b-4a55-9d3e-2f1b6c7d8e9f";
+    const CLIENT_SECRET: &str = "mi-client-secret-0042";
+    const PROJECT: &str = "6f1c2a9e-0b1d-4c55-9a57-3d1f1f1b2c3d";
+    const CONNECTIONS: &str = "/api/v1/app-connections/";
+
+    /// The quickstart through Infisical: the `analytics` connections through a ConnectionBackend
+    /// (its Secret beside it), the `platform` one through a ClusterConnectionBackend (its Secret
+    /// in the namespace the references name).
+    fn manifests(url: &str, client_secret: &str) -> String {
+        let mut yaml = quickstart();
+        for (name, namespace, reference) in [
+            (
+                "lakehouse",
+                "analytics",
+                "{kind: ConnectionBackend, name: infisical}",
+            ),
+            (
+                "warehouse",
+                "analytics",
+                "{kind: ConnectionBackend, name: infisical}",
+            ),
+            (
+                "key-vault",
+                "platform",
+                "{kind: ClusterConnectionBackend, name: infisical-prod}",
+            ),
+        ] {
+            let head = format!("metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n");
+            assert!(yaml.contains(&head), "the quickstart changed: {head}");
+            yaml = yaml.replace(&head, &format!("{head}  backendRef: {reference}\n"));
+        }
+        let auth = |namespace: &str| {
+            let ns = if namespace.is_empty() {
+                String::new()
+            } else {
+                format!(", namespace: {namespace}")
+            };
+            format!(
+                "auth: {{universalAuth: {{clientId: {{secretKeyRef: {{name: infisical-mi, key: clientId{ns}}}}}, clientSecret: {{secretKeyRef: {{name: infisical-mi, key: clientSecret{ns}}}}}}}}}"
+            )
+        };
+        let secret = |namespace: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: infisical-mi, namespace: {namespace}}}\nstringData: {{clientId: {CLIENT_ID}, clientSecret: {client_secret}}}\n"
+            )
+        };
+        format!(
+            "{yaml}---\n{}---\napiVersion: appconn.io/v1alpha1\nkind: ConnectionBackend\nmetadata: {{name: infisical, namespace: analytics}}\nspec:\n  infisical: {{url: \"{url}\", projectId: {PROJECT}, {}}}\n---\n{}---\napiVersion: appconn.io/v1alpha1\nkind: ClusterConnectionBackend\nmetadata: {{name: infisical-prod}}\nspec:\n  infisical: {{url: \"{url}\", projectId: {PROJECT}, {}}}\n",
+            secret("analytics"),
+            auth(""),
+            secret("infisical-system"),
+            auth("infisical-system"),
+        )
+    }
+
+    async fn run(dir: &Path, args: &[&str]) -> Output {
+        let dir = dir.to_path_buf();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            appconn(&dir, &args)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_creates_the_quickstart_at_infisical_then_noops_without_a_request() {
+        let fake = FakeInfisical::start().await;
+        fake.add_identity(CLIENT_ID, CLIENT_SECRET);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("q.yaml"),
+            manifests(&fake.url(), CLIENT_SECRET),
+        )
+        .unwrap();
+
+        let out = run(dir.path(), &["apply", "-f", "q.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for row in &rows {
+            assert_eq!(
+                (&row["action"], &row["ready"]),
+                (&"create".into(), &true.into()),
+                "{row}"
+            );
+            let status = &row["status"];
+            let name = if row["name"] == "warehouse" {
+                "warehouse-prod"
+            } else {
+                row["name"].as_str().unwrap()
+            };
+            let stored = fake
+                .stored_by_name(Some(PROJECT), name)
+                .unwrap_or_else(|| panic!("{name} at the server, in the backend's project"));
+            assert_eq!(status["id"], stored["id"], "{row}");
+            assert_eq!(status["backendCredentialsHash"], stored["credentialsHash"]);
+            assert_eq!(status["backend"]["type"], "infisical");
+        }
+        let kind = |name: &str| {
+            rows.iter().find(|r| r["name"] == name).unwrap()["status"]["backend"]["kind"].clone()
+        };
+        assert_eq!(kind("lakehouse"), "ConnectionBackend");
+        assert_eq!(kind("key-vault"), "ClusterConnectionBackend");
+        let vault = fake.stored_by_name(Some(PROJECT), "key-vault").unwrap();
+        assert_eq!(
+            vault["credentials"]["clientSecret"],
+            "example-client-secret-change-me"
+        );
+        assert_eq!(vault["isAutoRotationEnabled"], true);
+        let rotation =
+            &rows.iter().find(|r| r["name"] == "key-vault").unwrap()["status"]["rotation"];
+        assert!(
+            rotation["nextRotationAt"]
+                .as_str()
+                .unwrap()
+                .contains("T11:29:00"),
+            "{rotation}"
+        );
+        assert_eq!(fake.stored_all().len(), 3);
+        assert_eq!(fake.count("POST", CONNECTIONS), 3);
+        assert_eq!(
+            fake.logins(),
+            2,
+            "one login per backend resource, not per connection"
+        );
+        assert!(!text(&out).contains(CLIENT_SECRET));
+
+        let requests = fake.requests().len();
+        let again = run(dir.path(), &["apply", "-f", "q.yaml", "-o", "json"]).await;
+        assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&again.stdout).unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r["action"] == "noop" && r["ready"] == true),
+            "{rows:?}"
+        );
+        assert_eq!(
+            fake.requests().len(),
+            requests,
+            "an unchanged apply sends nothing, not even a login"
+        );
+
+        let out = run(dir.path(), &["delete", "-f", "q.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(fake.stored_all().is_empty(), "deleted at the server");
+        assert_eq!(fake.count("DELETE", CONNECTIONS), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_identity_is_tried_once_per_backend_and_never_locked() {
+        let fake = FakeInfisical::start().await;
+        fake.add_identity(CLIENT_ID, CLIENT_SECRET);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("q.yaml"), manifests(&fake.url(), CANARY)).unwrap();
+
+        let out = run(dir.path(), &["apply", "-f", "q.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 3);
+        for row in &rows {
+            assert_eq!(row["ready"], false, "{row}");
+            assert_eq!(row["reason"], "BackendAuthFailed", "{row}");
+        }
+        assert_eq!(
+            fake.logins(),
+            2,
+            "the two connections of one backend share its refused login"
+        );
+        assert!(!fake.is_locked(CLIENT_ID));
+        assert!(fake.stored_all().is_empty());
+        assert!(!text(&out).contains(CANARY), "a secret value was printed");
+    }
+}

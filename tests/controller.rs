@@ -515,13 +515,17 @@ async fn a_backend_object_deleted_elsewhere_is_recreated_at_the_next_drift_check
         ..Default::default()
     };
     let operator = Operator::start(&cluster, &paths, settings).await;
-    cluster.put_secret("mssql", &[("username", "sa"), ("password", "pw")]).await;
+    cluster
+        .put_secret("mssql", &[("username", "sa"), ("password", "pw")])
+        .await;
     cluster.create_connection("drifty", mssql_spec()).await;
     let conn = cluster.wait_for("drifty", WAIT, "Ready", ready).await;
     let first = conn.status.unwrap().id.unwrap();
 
     let keys = InstallationKeys::load_or_create_file(&paths.key_file()).unwrap();
-    let store = SqliteStore::open(paths.store(), &keys.store_keys).await.unwrap();
+    let store = SqliteStore::open(paths.store(), &keys.store_keys)
+        .await
+        .unwrap();
     assert!(store.delete(first.parse().unwrap()).await.unwrap());
     store.close().await;
 
@@ -531,7 +535,11 @@ async fn a_backend_object_deleted_elsewhere_is_recreated_at_the_next_drift_check
         })
         .await;
     assert_eq!(records(&paths).await.len(), 1);
-    assert_eq!(conn.status.unwrap().version, Some(1), "same content, recreated");
+    assert_eq!(
+        conn.status.unwrap().version,
+        Some(1),
+        "same content, recreated"
+    );
     let events: Api<Event> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     eventually(WAIT, "a Recreated event", || async {
         events

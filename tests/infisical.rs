@@ -901,7 +901,8 @@ async fn check_logs_in_and_reads_status_and_requests_are_measured() {
         paths,
         [
             ("/api/v1/auth/universal-auth/login", false),
-            ("/api/status", false)
+            ("/api/status", false),
+            ("/api/v1/app-connections/options", true),
         ]
     );
     backend.find(&mssql("wh", "x").target).await.unwrap();
@@ -1100,4 +1101,15 @@ async fn the_canary_never_appears_in_an_error() {
         "logs were captured:\n{logged}"
     );
     assert!(!logged.contains(CANARY), "{logged}");
+}
+
+#[tokio::test]
+async fn check_notices_a_revoked_identity() {
+    let fake = fake().await;
+    let backend = InfisicalBackend::new(config(&fake), Arc::new(Metrics::default())).unwrap();
+    backend.check().await.unwrap();
+    fake.revoke_all_tokens();
+    fake.add_identity(CLIENT_ID, "rotated-elsewhere");
+    let err = backend.check().await.unwrap_err();
+    assert_eq!(err.reason().as_str(), "BackendAuthFailed", "{err}");
 }

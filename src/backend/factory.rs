@@ -74,8 +74,12 @@ pub async fn build(
             client_id,
             client_secret,
         );
-        let backend = InfisicalBackend::new(config, metrics)
-            .map_err(|e| BackendLookupError::NotReady(e.to_string()))?;
+        let backend = InfisicalBackend::new(config, metrics).map_err(|e| match e {
+            super::BackendError::InvalidSpec { message } => {
+                BackendLookupError::InvalidSpec(message)
+            }
+            other => BackendLookupError::NotReady(other.to_string()),
+        })?;
         return Ok((Arc::new(backend), used));
     }
     let name = provider.type_name().unwrap_or("none");

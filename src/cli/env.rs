@@ -1,7 +1,7 @@
 //! The CLI's environment: resources live in the state table of the store file instead of the
 //! Kubernetes API, Secrets and backends come from the applied files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::manifests::Manifests;
-use crate::backend::Backend;
+use crate::backend::{self, Backend, SecretSource};
 use crate::crd::{AppConnection, AppConnectionStatus, BackendKind, CREATE_PENDING, FINALIZER};
+use crate::metrics::Metrics;
 use crate::reconcile::resolve::SecretData;
 use crate::reconcile::{BackendInfo, BackendLookupError, EnvError, Environment, Event};
 use crate::store::StoreEngine;
@@ -61,9 +62,58 @@ pub struct CliEnv<'a> {
     pub store: Arc<dyn StoreEngine>,
     pub builtin: Arc<dyn Backend>,
     pub manifests: &'a Manifests,
+    /// Clients of the backend resources in the files, built on first use.
+    pub backends: Backends,
     /// Key -> state as it will be saved on the next write.
     pub states: Mutex<BTreeMap<String, ResourceState>>,
     pub events: Mutex<Vec<(String, Event)>>,
+}
+
+/// Kind, namespace ("" for the cluster kind), name.
+type BackendKey = (BackendKind, String, String);
+
+/// Backend clients built during one command, one per backend resource: its connections share
+/// one login, and a refused login is not repeated for each of them (three refusals lock an
+/// Infisical identity).
+#[derive(Default)]
+pub struct Backends {
+    built: Mutex<HashMap<BackendKey, Arc<dyn Backend>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Backends {
+    fn get(&self, key: &BackendKey) -> Option<Arc<dyn Backend>> {
+        self.built.lock().expect("backends lock").get(key).cloned()
+    }
+
+    fn insert(&self, key: BackendKey, backend: Arc<dyn Backend>) {
+        self.built
+            .lock()
+            .expect("backends lock")
+            .insert(key, backend);
+    }
+}
+
+/// Backend auth Secrets from the applied files: a ConnectionBackend's from its own namespace,
+/// a ClusterConnectionBackend's from the namespace each reference names.
+struct FileSecrets<'a> {
+    secrets: &'a BTreeMap<(String, String), SecretData>,
+    namespace: Option<String>,
+}
+
+#[async_trait]
+impl SecretSource for FileSecrets<'_> {
+    async fn get(&self, namespace: Option<&str>, name: &str) -> Result<Option<SecretData>, String> {
+        let namespace = self
+            .namespace
+            .as_deref()
+            .or(namespace)
+            .ok_or_else(|| format!("secretKeyRef {name:?} must name its namespace"))?;
+        Ok(self
+            .secrets
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned())
+    }
 }
 
 impl CliEnv<'_> {
@@ -144,16 +194,33 @@ impl Environment for CliEnv<'_> {
             kind: reference.kind.as_str().to_string(),
             name: reference.name.clone(),
             provider: provider.type_name().unwrap_or("unknown"),
-            default_project: None,
+            default_project: provider.default_project(),
         };
-        match info.provider {
-            "builtin" => Ok((self.builtin.clone(), info)),
-            other => Err(BackendLookupError::NotReady(format!(
-                "{} {:?}: provider {other:?} cannot be used by appconn apply yet",
-                reference.kind.as_str(),
-                reference.name
-            ))),
+        if info.provider == "builtin" {
+            return Ok((self.builtin.clone(), info));
         }
+        // A ConnectionBackend reads its Secrets from its own namespace (the connection's); a
+        // ClusterConnectionBackend from the namespace each reference names.
+        let own_namespace = match reference.kind {
+            BackendKind::ConnectionBackend => Some(namespace.to_string()),
+            BackendKind::ClusterConnectionBackend => None,
+        };
+        let key = (
+            reference.kind,
+            own_namespace.clone().unwrap_or_default(),
+            reference.name.clone(),
+        );
+        if let Some(built) = self.backends.get(&key) {
+            return Ok((built, info));
+        }
+        let secrets = FileSecrets {
+            secrets: &self.manifests.secrets,
+            namespace: own_namespace,
+        };
+        let (backend, _) =
+            backend::build(provider, &secrets, self.backends.metrics.clone()).await?;
+        self.backends.insert(key, backend.clone());
+        Ok((backend, info))
     }
 
     async fn mark(&self, conn: &AppConnection, create_pending: bool) -> Result<(), EnvError> {

@@ -89,6 +89,7 @@ pub async fn apply(
         store: engine.clone(),
         builtin,
         manifests: &manifests,
+        backends: Default::default(),
         states: Mutex::new(BTreeMap::new()),
         events: Mutex::new(Vec::new()),
     };
@@ -142,6 +143,7 @@ pub async fn delete(path: &Path, store: &StoreOptions, dry_run: bool) -> Result<
         store: engine.clone(),
         builtin: Arc::new(BuiltinBackend::new(engine.clone())),
         manifests: &manifests,
+        backends: Default::default(),
         states: Mutex::new(BTreeMap::new()),
         events: Mutex::new(Vec::new()),
     };

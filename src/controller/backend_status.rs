@@ -252,10 +252,22 @@ async fn drive<K: BackendResource>(
         .with_config(controller::Config::default().concurrency(4))
         .reconcile_on(UnboundedReceiverStream::new(triggers))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::<K>, error_policy::<K>, ctx)
+        .run(reconcile::<K>, error_policy::<K>, ctx.clone())
         .for_each(|result| {
-            if let Err(e) = result {
-                warn!(error = %e, kind = K::KIND.as_str(), "backend status controller event");
+            match result {
+                // A deleted backend's periodic check found it gone: drop its client.
+                Err(controller::Error::ObjectNotFound(gone)) => {
+                    let key = (
+                        K::KIND,
+                        gone.namespace.clone().unwrap_or_default(),
+                        gone.name.clone(),
+                    );
+                    ctx.checkers.lock().expect("checkers lock").remove(&key);
+                }
+                Err(e) => {
+                    warn!(error = %e, kind = K::KIND.as_str(), "backend status controller event")
+                }
+                Ok(_) => {}
             }
             future::ready(())
         })

@@ -9,9 +9,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 
 use crate::backend::{self, Backend, SecretSource};
-use crate::crd::{
-    AppConnection, BackendKind, BackendProvider, ClusterConnectionBackend, ConnectionBackend,
-};
+use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
 use crate::metrics::Metrics;
 use crate::reconcile::{BackendInfo, BackendLookupError};
 
@@ -35,6 +33,7 @@ pub struct Registry {
     pub cluster_backends: Store<ClusterConnectionBackend>,
     pub namespaces: Store<Namespace>,
     built: Mutex<HashMap<BackendKey, Built>>,
+    building: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -54,6 +53,7 @@ impl Registry {
             cluster_backends,
             namespaces,
             built: Mutex::new(HashMap::new()),
+            building: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -127,13 +127,16 @@ impl Registry {
             kind: reference.kind.as_str().to_string(),
             name: reference.name.clone(),
             provider: provider.type_name().unwrap_or("unknown"),
-            default_project: default_project(&provider),
+            default_project: provider.default_project(),
         };
         if provider.builtin.is_some() {
             return Ok((self.builtin.clone(), info));
         }
         let uid = uid.unwrap_or_default();
         let generation = generation.unwrap_or_default();
+        // One build at a time: connections reconciled together share one client, so one login
+        // (several refused logins in a row would lock an Infisical identity).
+        let _building = self.building.lock().await;
         if let Some(built) = self.built.lock().expect("registry lock").get(&key)
             && built.uid == uid
             && built.generation == generation
@@ -142,9 +145,13 @@ impl Registry {
         }
         let secrets = ApiSecrets {
             client: self.client.clone(),
-            namespace: secret_namespace,
+            namespace: secret_namespace.clone(),
         };
-        let (backend, used) = backend::build(&provider, &secrets, self.metrics.clone()).await?;
+        let (backend, mut used) = backend::build(&provider, &secrets, self.metrics.clone()).await?;
+        // The namespaced kind's references name no namespace: they are in its own.
+        if let Some(own) = &secret_namespace {
+            used.iter_mut().for_each(|(ns, _)| ns.clone_from(own));
+        }
         self.built.lock().expect("registry lock").insert(
             key,
             Built {
@@ -203,16 +210,6 @@ fn not_ready(
         ))),
         None => Ok(()),
     }
-}
-
-fn default_project(provider: &BackendProvider) -> Option<String> {
-    if let Some(infisical) = &provider.infisical {
-        return infisical.project_id.clone();
-    }
-    if let Some(credible) = &provider.credible {
-        return Some(credible.project.clone());
-    }
-    provider.matillion.as_ref().map(|m| m.project_id.clone())
 }
 
 /// Reads backend auth Secrets through the API: from the backend's own namespace for the

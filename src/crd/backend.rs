@@ -216,6 +216,17 @@ pub struct ConnectionBackendStatus {
 }
 
 impl BackendProvider {
+    /// The project connections use when they name none.
+    pub fn default_project(&self) -> Option<String> {
+        if let Some(infisical) = &self.infisical {
+            return infisical.project_id.clone();
+        }
+        if let Some(credible) = &self.credible {
+            return Some(credible.project.clone());
+        }
+        self.matillion.as_ref().map(|m| m.project_id.clone())
+    }
+
     /// The provider type name, or None when no block (or several) is set.
     pub fn type_name(&self) -> Option<&'static str> {
         let set: Vec<&'static str> = [

@@ -28,6 +28,9 @@ pub enum BackendLookupError {
     NotFound(String),
     #[error("{0}")]
     NotReady(String),
+    /// The backend resource itself is unusable as written (a bad URL or CA bundle).
+    #[error("{0}")]
+    InvalidSpec(String),
     /// Transient: retried with backoff.
     #[error("{0}")]
     Unavailable(String),
@@ -38,6 +41,7 @@ impl BackendLookupError {
         match self {
             BackendLookupError::NotFound(_) => Reason::BackendNotFound,
             BackendLookupError::NotReady(_) => Reason::BackendNotReady,
+            BackendLookupError::InvalidSpec(_) => Reason::InvalidSpec,
             BackendLookupError::Unavailable(_) => Reason::BackendUnavailable,
         }
     }
@@ -402,6 +406,15 @@ impl Reconciler {
                         event: Some(("Adopted", note)),
                     });
                 }
+                // A create refused because the name is taken is not tried again while it still
+                // is: marking, creating and clearing the marker would each trigger the next
+                // reconcile, a loop of writes. Only a read checks whether the name came free.
+                if !find_first
+                    && refused_as_taken(conn)
+                    && backend.find(&desired.target).await?.is_some()
+                {
+                    return Err(name_taken(name));
+                }
                 env.mark(conn, true).await?;
                 match backend.create(desired).await {
                     Ok(remote) => {
@@ -439,14 +452,7 @@ impl Reconciler {
                     }
                     Err(BackendError::AlreadyExists { .. }) => {
                         env.clear_pending(conn).await?;
-                        Err(Failure {
-                            reason: Reason::AlreadyExists,
-                            message: format!(
-                                "a connection named {name:?} already exists at the backend and was not created by appconn; set spec.adoptExisting: true to take it over, or choose another connectionName"
-                            ),
-                            transient: false,
-                            retry_after: None,
-                        })
+                        Err(name_taken(name))
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -689,6 +695,26 @@ fn observation(ready: bool, reason: Reason, message: String) -> Observation {
         written_hash: None,
         rotation_enabled: false,
     }
+}
+
+/// The refusal of a create whose name belongs to an object appconn did not create.
+fn name_taken(name: &str) -> Failure {
+    Failure {
+        reason: Reason::AlreadyExists,
+        message: format!(
+            "a connection named {name:?} already exists at the backend and was not created by appconn; set spec.adoptExisting: true to take it over, or choose another connectionName"
+        ),
+        transient: false,
+        retry_after: None,
+    }
+}
+
+/// The last reconcile of this generation was refused because the name is taken.
+fn refused_as_taken(conn: &AppConnection) -> bool {
+    status::ready_condition(conn.status.as_ref()).is_some_and(|c| {
+        c.reason == Reason::AlreadyExists.as_str()
+            && c.observed_generation == conn.metadata.generation
+    })
 }
 
 /// A rotation the backend reports as overdue or failed: the reason and its message.

@@ -212,7 +212,24 @@ impl Backend for InfisicalBackend {
     /// A real login (or a valid cached token) plus `GET /api/status`.
     async fn check(&self) -> Result<(), BackendError> {
         self.client.bearer().await?;
-        self.client.status().await
+        self.client.status().await?;
+        // /api/status needs no token: an authenticated read proves the identity still works
+        // (a revoked token is renewed once, then reported). A server without the route is fine.
+        let url = self
+            .client
+            .url(&["api", "v1", "app-connections", "options"], None);
+        match self
+            .client
+            .call("check", Method::GET, url, None, &Redactor::none())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(Failure::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
     }
 
     async fn get(&self, id: &str, target: &Target) -> Result<Option<Remote>, BackendError> {
