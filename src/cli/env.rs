@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::manifests::Manifests;
+use crate::backend::builtin::BuiltinBackend;
 use crate::backend::{self, Backend, SecretSource};
 use crate::crd::{AppConnection, AppConnectionStatus, BackendKind, CREATE_PENDING, FINALIZER};
 use crate::metrics::Metrics;
@@ -113,6 +114,20 @@ impl SecretSource for FileSecrets<'_> {
             .secrets
             .get(&(namespace.to_string(), name.to_string()))
             .cloned())
+    }
+}
+
+impl<'a> CliEnv<'a> {
+    /// An environment over the store file and the applied files.
+    pub fn new(store: Arc<dyn StoreEngine>, manifests: &'a Manifests) -> Self {
+        CliEnv {
+            builtin: Arc::new(BuiltinBackend::new(store.clone())),
+            store,
+            manifests,
+            backends: Default::default(),
+            states: Mutex::new(BTreeMap::new()),
+            events: Mutex::new(Vec::new()),
+        }
     }
 }
 

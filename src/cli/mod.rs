@@ -4,9 +4,8 @@ mod env;
 pub mod manifests;
 pub mod output;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde_json::Value;
@@ -16,7 +15,6 @@ use env::{CliEnv, STATE_PREFIX, state_key};
 use manifests::Manifests;
 pub use output::{Format, Row};
 
-use crate::backend::builtin::BuiltinBackend;
 use crate::crd::{self, AppConnection};
 use crate::keys::InstallationKeys;
 use crate::reconcile::{Options, Reason, Reconciler};
@@ -84,24 +82,13 @@ pub async fn apply(
     let manifests = manifests::load(path)?;
     let (keys, engine) = store.open().await?;
     let before = engine.write_count();
-    let builtin = Arc::new(BuiltinBackend::new(engine.clone()));
-    let env = CliEnv {
-        store: engine.clone(),
-        builtin,
-        manifests: &manifests,
-        backends: Default::default(),
-        states: Mutex::new(BTreeMap::new()),
-        events: Mutex::new(Vec::new()),
-    };
+    let env = CliEnv::new(engine.clone(), &manifests);
     let reconciler = Reconciler::new(Arc::new(keys.hash_key.clone()));
     let mut rows = rejected_rows(&manifests);
     for conn in &manifests.connections {
         let (namespace, name) = ids(conn);
         let key = state_key(&namespace, &name);
-        let prior: Option<ResourceState> = match engine.load_state(&key).await {
-            Ok(v) => v.and_then(|v| serde_json::from_value(v).ok()),
-            Err(e) => return Err(CliError::Store(e.to_string())),
-        };
+        let prior = load_state(engine.as_ref(), &key).await?;
         let spec = serde_json::to_value(&conn.spec).expect("spec serializes");
         if let Some(prior) = &prior
             && let Err(errors) = immutable_check(conn, prior)
@@ -139,25 +126,13 @@ pub async fn delete(path: &Path, store: &StoreOptions, dry_run: bool) -> Result<
     let manifests = manifests::load(path)?;
     let (keys, engine) = store.open().await?;
     let before = engine.write_count();
-    let env = CliEnv {
-        store: engine.clone(),
-        builtin: Arc::new(BuiltinBackend::new(engine.clone())),
-        manifests: &manifests,
-        backends: Default::default(),
-        states: Mutex::new(BTreeMap::new()),
-        events: Mutex::new(Vec::new()),
-    };
+    let env = CliEnv::new(engine.clone(), &manifests);
     let reconciler = Reconciler::new(Arc::new(keys.hash_key.clone()));
     let mut rows = rejected_rows(&manifests);
     for conn in &manifests.connections {
         let (namespace, name) = ids(conn);
         let key = state_key(&namespace, &name);
-        let state: Option<ResourceState> = engine
-            .load_state(&key)
-            .await
-            .map_err(|e| CliError::Store(e.to_string()))?
-            .and_then(|v| serde_json::from_value(v).ok());
-        let Some(state) = state else {
+        let Some(state) = load_state(engine.as_ref(), &key).await? else {
             rows.push(Row::refused(
                 &namespace,
                 &name,
@@ -214,6 +189,18 @@ pub async fn get(
         rows.push(Row::from_status(ns, n, state.status.as_ref()));
     }
     Ok(rows)
+}
+
+/// What the CLI recorded of an AppConnection, if it was ever applied to this store.
+async fn load_state(
+    engine: &dyn StoreEngine,
+    key: &str,
+) -> Result<Option<ResourceState>, CliError> {
+    let value = engine
+        .load_state(key)
+        .await
+        .map_err(|e| CliError::Store(e.to_string()))?;
+    Ok(value.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 fn ids(conn: &AppConnection) -> (String, String) {

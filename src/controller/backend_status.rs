@@ -42,7 +42,7 @@ use crate::crd::{
     ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
 };
 use crate::metrics::Metrics;
-use crate::reconcile::{BackendLookupError, Reason};
+use crate::reconcile::{BackendLookupError, Reason, status};
 use crate::secret::SecretString;
 
 /// How often a backend is checked again when nothing changed (jittered by ±10%).
@@ -613,22 +613,15 @@ fn next_status<K: BackendResource>(
     now: Timestamp,
 ) -> ConnectionBackendStatus {
     let generation = resource.meta().generation;
-    let status = ready_str(checked.ready);
     let mut conditions = prior.map(|p| p.conditions.clone()).unwrap_or_default();
-    let transition = conditions
-        .iter()
-        .find(|c| c.type_ == READY && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(now));
-    conditions.retain(|c| c.type_ != READY);
-    conditions.push(Condition {
-        type_: READY.into(),
-        status: status.into(),
-        reason: checked.reason.as_str().into(),
-        message: checked.message.clone(),
-        observed_generation: generation,
-        last_transition_time: transition,
-    });
+    status::set_ready(
+        &mut conditions,
+        checked.ready,
+        checked.reason,
+        &checked.message,
+        generation,
+        now,
+    );
     ConnectionBackendStatus {
         type_: resource.provider().type_name().map(str::to_string),
         last_check_time: Some(Time(now)),

@@ -39,6 +39,9 @@ pub struct Context {
     /// can lag behind the operator's own writes; a cached copy with another version is checked
     /// against the API before anything is decided on it.
     pub known: Mutex<HashMap<String, String>>,
+    /// uid -> when this process saw the object go. The cache may still hold a copy for a
+    /// moment; acting on it would repeat the backend delete.
+    pub gone: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -53,7 +56,8 @@ impl Context {
     async fn latest(&self, cached: &AppConnection) -> Result<Option<AppConnection>, EnvError> {
         let uid = cached.uid().unwrap_or_default();
         let known = self.known.lock().expect("known lock").get(&uid).cloned();
-        if known.is_none() || known == cached.resource_version() {
+        let gone = self.gone.lock().expect("gone lock").contains_key(&uid);
+        if !gone && (known.is_none() || known == cached.resource_version()) {
             return Ok(Some(cached.clone()));
         }
         let api: kube::Api<AppConnection> =
@@ -253,6 +257,13 @@ fn forget(ctx: &Context, conn: &AppConnection, uid: &str) {
         .remove(&conn.namespace().unwrap_or_default(), &conn.name_any());
     ctx.verified.lock().expect("verified lock").remove(uid);
     ctx.known.lock().expect("known lock").remove(uid);
+    let mut gone = ctx.gone.lock().expect("gone lock");
+    // A cached copy lingers for moments only: old entries are dropped as new ones come.
+    if gone.len() >= 1024 {
+        gone.retain(|_, at| at.elapsed() < Duration::from_secs(300));
+    }
+    gone.insert(uid.to_string(), Instant::now());
+    drop(gone);
     ctx.backoff.reset(uid);
     if let Some((ready, reason)) = ctx.readiness.lock().expect("readiness lock").remove(uid) {
         ctx.metrics

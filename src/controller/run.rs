@@ -130,6 +130,7 @@ pub async fn run_controllers(
         verified: Mutex::new(HashMap::new()),
         readiness: Mutex::new(HashMap::new()),
         known: Mutex::new(HashMap::new()),
+        gone: Mutex::new(HashMap::new()),
     });
 
     // Backend changes reach the connections that use them, in whichever controller runs them.

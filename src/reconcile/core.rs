@@ -1,8 +1,8 @@
 //! Apply: carries a plan out through a backend and the resource's environment (the Kubernetes
 //! API for the controller, the local state file for the CLI), then writes the status.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -157,6 +157,10 @@ pub struct Options {
 /// The one reconcile core, shared by the controller and the CLI.
 pub struct Reconciler {
     pub hash_key: Arc<HashKey>,
+    /// Writes the backend refused as invalid, by object: (generation, hash) of what was sent.
+    /// The same content at the same generation is not sent again: invalid input waits for a
+    /// change, even when the operator's own status write triggers another reconcile.
+    refused: Mutex<HashMap<String, (Option<i64>, String)>>,
 }
 
 /// A failed step, with the reason and whether it is worth retrying.
@@ -199,7 +203,10 @@ struct Applied {
 
 impl Reconciler {
     pub fn new(hash_key: Arc<HashKey>) -> Self {
-        Self { hash_key }
+        Self {
+            hash_key,
+            refused: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Reconciles one AppConnection: deletion, suspension, or resolve -> plan -> apply -> status.
@@ -305,10 +312,36 @@ impl Reconciler {
                 .await;
         }
 
-        match self
+        let attempt = (conn.metadata.generation, desired.credentials_hash.clone());
+        let key = object_key(conn);
+        let writes = matches!(action, Action::Create { .. } | Action::Update { .. });
+        let refused_before =
+            writes && self.refused.lock().expect("refused lock").get(&key) == Some(&attempt);
+        if refused_before {
+            let prior = status::ready_condition(conn.status.as_ref());
+            if let Some(reason) = prior.and_then(|c| Reason::parse(&c.reason)) {
+                let message = prior.map(|c| c.message.clone()).unwrap_or_default();
+                let obs = observation(false, reason, message);
+                return self
+                    .failed(env, conn, Some(&info), obs, Requeue::WaitForChange, opts)
+                    .await;
+            }
+        }
+        let applied = self
             .apply(env, conn, backend.as_ref(), &desired, action)
-            .await
+            .await;
         {
+            let mut refused = self.refused.lock().expect("refused lock");
+            match &applied {
+                Err(failure) if !failure.transient && writes => {
+                    refused.insert(key, attempt);
+                }
+                _ => {
+                    refused.remove(&key);
+                }
+            }
+        }
+        match applied {
             Ok(applied) => {
                 if let Some((reason, note)) = &applied.event {
                     env.event(conn, Event::normal(reason, note.clone())).await;
@@ -695,6 +728,17 @@ fn observation(ready: bool, reason: Reason, message: String) -> Observation {
         written_hash: None,
         rotation_enabled: false,
     }
+}
+
+/// Identity of an object across reconciles (uid where there is one).
+fn object_key(conn: &AppConnection) -> String {
+    conn.metadata.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            conn.metadata.namespace.as_deref().unwrap_or_default(),
+            conn.metadata.name.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 /// The refusal of a create whose name belongs to an object appconn did not create.

@@ -39,6 +39,11 @@ impl Reason {
         Reason::RotationOverdue,
     ];
 
+    /// The reason a condition carries, if it is one of ours.
+    pub fn parse(text: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Synced => "Synced",

@@ -57,7 +57,14 @@ pub fn next_status(
         status.last_sync_time = Some(Time(now));
     }
     status.observed_generation = generation;
-    set_condition(&mut status.conditions, obs, generation, now);
+    set_ready(
+        &mut status.conditions,
+        obs.ready,
+        obs.reason,
+        &obs.message,
+        generation,
+        now,
+    );
     status
 }
 
@@ -75,14 +82,17 @@ fn rotation_status(enabled: bool, remote: Option<&RemoteRotation>) -> Option<Rot
     })
 }
 
-/// Replaces the Ready condition; `lastTransitionTime` moves only when its status moves.
-fn set_condition(
+/// Replaces the Ready condition in `conditions`; `lastTransitionTime` moves only when its
+/// status moves. Shared by every status the operator writes.
+pub fn set_ready(
     conditions: &mut Vec<Condition>,
-    obs: &Observation,
+    ready: bool,
+    reason: Reason,
+    message: &str,
     generation: Option<i64>,
     now: Timestamp,
 ) {
-    let status = if obs.ready { "True" } else { "False" };
+    let status = if ready { "True" } else { "False" };
     let transition = conditions
         .iter()
         .find(|c| c.type_ == READY && c.status == status)
@@ -92,8 +102,8 @@ fn set_condition(
     conditions.push(Condition {
         type_: READY.to_string(),
         status: status.to_string(),
-        reason: obs.reason.as_str().to_string(),
-        message: obs.message.clone(),
+        reason: reason.as_str().to_string(),
+        message: message.to_string(),
         observed_generation: generation,
         last_transition_time: transition,
     });
