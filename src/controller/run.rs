@@ -13,7 +13,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, warn};
@@ -41,6 +41,9 @@ pub struct ControllerConfig {
 }
 
 type Conn = DeserializeGuard<AppConnection>;
+
+/// The annotation `kubectl apply` keeps a whole copy of the object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Waits until the AppConnection CRD is served, checking every few seconds.
 pub async fn wait_for_crds(client: &Client) {
@@ -144,7 +147,20 @@ pub async fn run_controllers(
         // Metadata only: Secret data is read on demand, never cached.
         let secrets: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
         let secret_ctx = ctx.clone();
-        let controller = Controller::new(conns, watcher::Config::default().any_semantic())
+        // The cache keeps every AppConnection; managedFields and kubectl's last-applied copy
+        // are most of an object's size and nothing here reads them.
+        let (reader, writer) = reflector::store::<Conn>();
+        let conn_events = watcher(conns, watcher::Config::default().any_semantic())
+            .modify(|conn: &mut Conn| {
+                conn.managed_fields_mut().clear();
+                // Never create the map: the marking patch relies on it mirroring the server.
+                if let Some(annotations) = conn.meta_mut().annotations.as_mut() {
+                    annotations.remove(LAST_APPLIED);
+                }
+            })
+            .reflect(writer)
+            .applied_objects();
+        let controller = Controller::for_stream(conn_events, reader)
             .with_config(controller::Config::default().concurrency(config.concurrency))
             .watches_stream(
                 watcher(secrets, watcher::Config::default().any_semantic())

@@ -333,7 +333,15 @@ impl Reconciler {
         {
             let mut refused = self.refused.lock().expect("refused lock");
             match &applied {
-                Err(failure) if !failure.transient && writes => {
+                // Only the content itself refused: an auth failure may clear with the backend's
+                // credentials, which change without this object changing.
+                Err(failure)
+                    if writes
+                        && matches!(
+                            failure.reason,
+                            Reason::BackendRejected | Reason::InvalidSpec
+                        ) =>
+                {
                     refused.insert(key, attempt);
                 }
                 _ => {

@@ -134,7 +134,10 @@ impl SqliteStore {
             .create_if_missing(false)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            // 512 KiB of page cache per pooled connection: the store's working set is small
+            // and SQLite's default (2 MiB each) is a large share of the operator's memory.
+            .pragma("cache_size", "-512");
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .connect_with(options)
