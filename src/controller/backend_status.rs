@@ -326,15 +326,14 @@ async fn reconcile<K: BackendResource>(
     let cached = match &obj.0 {
         Ok(backend) => backend,
         Err(invalid) => {
-            warn!(error = %invalid, "backend resource cannot be read; waiting for a change");
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: Reason::InvalidSpec.as_str().into(),
-                note: Some(format!("cannot read the {}: {invalid}", K::KIND.as_str())),
-                action: "Check".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&event, &obj.object_ref(&())).await;
+            super::connections::report_unreadable(
+                &ctx.recorder,
+                &*obj,
+                K::KIND.as_str(),
+                "Check",
+                invalid,
+            )
+            .await;
             return Ok(Action::await_change());
         }
     };

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -122,15 +123,7 @@ pub async fn reconcile(
     let conn = match &obj.0 {
         Ok(conn) => conn,
         Err(invalid) => {
-            warn!(error = %invalid, "AppConnection cannot be read; waiting for a change");
-            let event = KubeEvent {
-                type_: KubeEventType::Warning,
-                reason: Reason::InvalidSpec.as_str().into(),
-                note: Some(format!("cannot read the AppConnection: {invalid}")),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&event, &obj.object_ref(&())).await;
+            report_unreadable(&ctx.recorder, &*obj, "AppConnection", "Reconcile", invalid).await;
             return Ok(Action::await_change());
         }
     };
@@ -211,6 +204,27 @@ pub async fn reconcile(
             Action::await_change()
         }
     })
+}
+
+/// A resource that does not parse: a Warning Event on it, then nothing until it changes.
+pub(super) async fn report_unreadable<K: Resource<DynamicType = ()>>(
+    recorder: &Recorder,
+    object: &K,
+    kind: &str,
+    action: &str,
+    invalid: &InvalidObject,
+) {
+    warn!(error = %invalid, kind, "resource cannot be read; waiting for a change");
+    let event = KubeEvent {
+        type_: KubeEventType::Warning,
+        reason: Reason::InvalidSpec.as_str().into(),
+        note: Some(format!("cannot read the {kind}: {invalid}")),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        warn!(error = %e, "cannot record an Event");
+    }
 }
 
 /// Time until the recorded next rotation, so an overdue rotation is noticed when it is due.
