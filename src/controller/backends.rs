@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 
 use crate::backend::{self, Backend, SecretSource};
 use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
@@ -231,17 +231,6 @@ impl SecretSource for ApiSecrets {
             .as_deref()
             .or(namespace)
             .ok_or_else(|| format!("secretKeyRef {name:?} must name its namespace"))?;
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = api
-            .get_opt(name)
-            .await
-            .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
-        Ok(secret.map(|s| {
-            s.data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect()
-        }))
+        super::kube_env::read_secret(&self.client, namespace, name).await
     }
 }

@@ -54,7 +54,10 @@ impl Context {
     }
 
     /// The cached copy if it is the latest this process knows of, else the one the API holds.
-    async fn latest(&self, cached: &AppConnection) -> Result<Option<AppConnection>, EnvError> {
+    pub(super) async fn latest(
+        &self,
+        cached: &AppConnection,
+    ) -> Result<Option<AppConnection>, EnvError> {
         let uid = cached.uid().unwrap_or_default();
         let known = self.known.lock().expect("known lock").get(&uid).cloned();
         let gone = self.gone.lock().expect("gone lock").contains_key(&uid);

@@ -39,6 +39,26 @@ impl KubeEnv {
     }
 }
 
+/// A Secret's data, read from the API (never cached); `None` when it does not exist.
+pub(super) async fn read_secret(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<SecretData>, String> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+    Ok(secret.map(|s| {
+        s.data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    }))
+}
+
 fn api(ctx: &Context, conn: &AppConnection) -> Api<AppConnection> {
     Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default())
 }
@@ -50,18 +70,9 @@ fn env_error(what: &str, conn: &AppConnection, e: kube::Error) -> EnvError {
 #[async_trait]
 impl Environment for KubeEnv {
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, EnvError> {
-        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), namespace);
-        let secret = api
-            .get_opt(name)
+        read_secret(&self.ctx.client, namespace, name)
             .await
-            .map_err(|e| EnvError(format!("reading Secret {namespace}/{name}: {e}")))?;
-        Ok(secret.map(|s| {
-            s.data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect()
-        }))
+            .map_err(EnvError)
     }
 
     async fn backend(
@@ -113,14 +124,9 @@ impl Environment for KubeEnv {
     }
 
     async fn latest(&self, conn: &AppConnection) -> Result<Option<AppConnection>, EnvError> {
-        let latest = api(&self.ctx, conn)
-            .get_opt(&conn.name_any())
-            .await
-            .map_err(|e| env_error("reading", conn, e))?;
-        if let Some(latest) = &latest {
-            self.ctx.saw(latest);
-        }
-        Ok(latest)
+        // The controller already re-reads a copy older than what this process wrote or read;
+        // the copy it hands over is the latest known, so no second read is needed here.
+        self.ctx.latest(conn).await
     }
 
     async fn clear_pending(&self, conn: &AppConnection) -> Result<(), EnvError> {
