@@ -33,7 +33,6 @@ use appconn_testkit::apiserver::{RequestRecord, TestApiServer};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -582,7 +581,12 @@ impl Bench {
     async fn start() -> Bench {
         let server = TestApiServer::start().await;
         let client = server.client();
-        install_crds(&client).await;
+        appconn_testkit::crds::install(
+            &client,
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("crds"),
+            "appconn-bench",
+        )
+        .await;
         for name in [NAMESPACE, RAW_NAMESPACE] {
             let ns = Namespace {
                 metadata: ObjectMeta {
@@ -682,39 +686,6 @@ impl Bench {
 fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("crds/") {
-        let text = std::fs::read_to_string(entry.expect("crds/ entry").path()).expect("a CRD");
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("a CRD");
-        let name = crd.name_any();
-        let params = PatchParams::apply("appconn-bench").force();
-        api.patch(&name, &params, &Patch::Apply(&crd))
-            .await
-            .expect("installing a CRD");
-        names.push(name);
-    }
-    for name in names {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let crd = api.get(&name).await.expect("reading a CRD");
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            assert!(Instant::now() < deadline, "CRD {name} not established");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// `appconn run`'s options for the benchmark namespace, and the admin server's URL.

@@ -12,7 +12,6 @@ use appconn::controller::operator::{self, OperatorOptions};
 use appconn::crd::AppConnection;
 use appconn_testkit::apiserver::TestApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use tokio::sync::oneshot;
@@ -47,7 +46,12 @@ impl Cluster {
             }
         };
         let client = Client::try_from(config.clone()).expect("client");
-        install_crds(&client).await;
+        appconn_testkit::crds::install(
+            &client,
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("crds"),
+            "appconn-tests",
+        )
+        .await;
         let namespace = format!("appconn-test-{}", &uuid::Uuid::new_v4().to_string()[..8]);
         let ns = Namespace {
             metadata: ObjectMeta {
@@ -163,39 +167,6 @@ pub fn condition(conn: &AppConnection) -> Option<(String, String, String)> {
 
 pub fn reason_is(conn: &AppConnection, reason: &str) -> bool {
     condition(conn).is_some_and(|(_, r, _)| r == reason)
-}
-
-async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
-        let name = crd.metadata.name.clone().unwrap();
-        let params = PatchParams::apply("appconn-tests").force();
-        api.patch(&name, &params, &Patch::Apply(&crd))
-            .await
-            .unwrap();
-        names.push(name);
-    }
-    for name in names {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let crd = api.get(&name).await.unwrap();
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            assert!(Instant::now() < deadline, "CRD {name} not established");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// A running operator; stopped (gracefully) by `stop` or when dropped.

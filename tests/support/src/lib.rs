@@ -1,2 +1,3 @@
 pub mod apiserver;
+pub mod crds;
 pub mod fake;
