@@ -67,7 +67,6 @@ pub struct CliEnv<'a> {
     pub backends: Backends,
     /// Key -> state as it will be saved on the next write.
     pub states: Mutex<BTreeMap<String, ResourceState>>,
-    pub events: Mutex<Vec<(String, Event)>>,
 }
 
 /// Kind, namespace ("" for the cluster kind), name.
@@ -126,7 +125,6 @@ impl<'a> CliEnv<'a> {
             manifests,
             backends: Default::default(),
             states: Mutex::new(BTreeMap::new()),
-            events: Mutex::new(Vec::new()),
         }
     }
 }
@@ -282,10 +280,6 @@ impl Environment for CliEnv<'_> {
         self.update(conn, |s| s.status = Some(status.clone())).await
     }
 
-    async fn event(&self, conn: &AppConnection, event: Event) {
-        self.events
-            .lock()
-            .expect("event lock")
-            .push((Self::key(conn), event));
-    }
+    /// The printed status carries each reason and message; there is no Event store to keep.
+    async fn event(&self, _conn: &AppConnection, _event: Event) {}
 }

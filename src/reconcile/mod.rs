@@ -11,5 +11,5 @@ pub use self::core::{
     BackendLookupError, EnvError, Environment, Event, EventType, Options, Outcome, Reconciler,
     Requeue,
 };
-pub use plan::{Action, BackendInfo, Plan};
+pub use plan::{Action, BackendInfo};
 pub use reason::Reason;

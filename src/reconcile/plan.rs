@@ -60,12 +60,6 @@ impl Action {
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub desired: Desired,
-    pub action: Action,
-}
-
 /// A spec that is valid YAML but cannot be planned.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
