@@ -5,8 +5,8 @@
 //! A backend is checked when it changes, when one of its auth Secrets changes, and every few
 //! minutes (jittered); a transient failure is retried with backoff. The status is written only
 //! when something other than `lastCheckTime` changed, so a healthy backend costs no API write.
-//! The client used for the check is kept between checks (its token and its login cool-down with
-//! it) until the resource's generation or the content of its auth Secrets changes.
+//! The check uses the same client as the backend's connections (one token, one login cool-down),
+//! kept until the resource's generation or one of its auth Secrets changes.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -28,15 +28,13 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, instrument, warn};
 
-use super::backends::ApiSecrets;
+use super::backends::{BackendKey, BackendVersion, Clients};
 use super::backoff::{Backoff, jitter};
 use crate::backend::infisical::{InfisicalBackend, InfisicalConfig};
-use crate::backend::{self, Backend, SecretSource};
 use crate::crd::{
     BackendKind, BackendProvider, BackendSecretKeySelector, ClusterConnectionBackend,
     ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
@@ -96,24 +94,12 @@ impl BackendResource for ClusterConnectionBackend {
     }
 }
 
-/// Kind, namespace ("" for the cluster kind), name.
-type Key = (BackendKind, String, String);
-
-/// A client kept between checks.
-struct Checker {
-    uid: String,
-    generation: i64,
-    /// SHA-256 over the auth Secrets it was built from (never stored or shown anywhere).
-    secrets: [u8; 32],
-    backend: Arc<dyn Backend>,
-}
-
 pub(super) struct StatusContext {
     client: Client,
     metrics: Arc<Metrics>,
     recorder: Recorder,
     backoff: Backoff,
-    checkers: Mutex<HashMap<Key, Checker>>,
+    clients: Arc<Clients>,
     /// uid -> resourceVersion of the status this process last wrote: a cached copy with another
     /// version is read again before deciding (the watch can lag behind our own write).
     known: Mutex<HashMap<String, String>>,
@@ -173,6 +159,7 @@ impl Checked {
 /// (`None`: all namespaces), until `shutdown` resolves.
 pub(super) async fn run(
     client: Client,
+    clients: Arc<Clients>,
     scopes: Vec<Option<String>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
@@ -188,7 +175,7 @@ pub(super) async fn run(
             },
         ),
         backoff: Backoff::default(),
-        checkers: Mutex::new(HashMap::new()),
+        clients: clients.clone(),
         known: Mutex::new(HashMap::new()),
     });
 
@@ -215,6 +202,7 @@ pub(super) async fn run(
         };
         let cluster_store = cluster_store.clone();
         let cluster_tx = cluster_tx.clone();
+        let clients = clients.clone();
         let triggers = watcher(secrets, watcher::Config::default().any_semantic())
             .default_backoff()
             .touched_objects()
@@ -224,6 +212,8 @@ pub(super) async fn run(
                     Ok(secret) => {
                         let ns = secret.namespace().unwrap_or_default();
                         let name = secret.name_any();
+                        // Before the checks start: they build their client from the new content.
+                        clients.secret_changed(&ns, &name);
                         for backend in users(&store, &ns, &name) {
                             let _ = tx.send(backend);
                         }
@@ -262,7 +252,7 @@ async fn drive<K: BackendResource>(
                         gone.namespace.clone().unwrap_or_default(),
                         gone.name.clone(),
                     );
-                    ctx.checkers.lock().expect("checkers lock").remove(&key);
+                    ctx.clients.remove(&key);
                 }
                 Err(e) => {
                     warn!(error = %e, kind = K::KIND.as_str(), "backend status controller event")
@@ -423,62 +413,41 @@ impl StatusContext {
         if let Err(message) = self.valid_spec(provider) {
             return Checked::failed(Reason::InvalidSpec, message, Next::WaitForChange);
         }
-        let key = (
+        let key: BackendKey = (
             K::KIND,
             resource.namespace().unwrap_or_default(),
             resource.name_any(),
         );
-        let secrets = Digesting {
-            inner: ApiSecrets {
-                client: self.client.clone(),
-                namespace: resource.secret_namespace(),
-            },
-            digest: Mutex::new(Sha256::new()),
-        };
-        // Building makes no request: a client is cheap, its login is what a reuse saves.
-        let built = backend::build(provider, &secrets, self.metrics.clone()).await;
-        let backend = match built {
-            Ok((fresh, _)) => {
-                let digest: [u8; 32] = secrets
-                    .digest
-                    .into_inner()
-                    .expect("digest lock")
-                    .finalize()
-                    .into();
-                let uid = resource.uid().unwrap_or_default();
-                let generation = resource.meta().generation.unwrap_or_default();
-                let mut checkers = self.checkers.lock().expect("checkers lock");
-                match checkers.get(&key) {
-                    Some(c)
-                        if c.uid == uid && c.generation == generation && c.secrets == digest =>
-                    {
-                        c.backend.clone()
-                    }
-                    _ => {
-                        checkers.insert(
-                            key,
-                            Checker {
-                                uid,
-                                generation,
-                                secrets: digest,
-                                backend: fresh.clone(),
-                            },
-                        );
-                        fresh
-                    }
+        let mut attempts = 0;
+        let (backend, checked) = loop {
+            attempts += 1;
+            let version = BackendVersion {
+                key: key.clone(),
+                uid: resource.uid().unwrap_or_default(),
+                generation: resource.meta().generation.unwrap_or_default(),
+                provider,
+                secret_namespace: resource.secret_namespace(),
+            };
+            let backend = match self.clients.get(version).await {
+                Ok(backend) => backend,
+                Err(e) => {
+                    let next = match e {
+                        BackendLookupError::Unavailable(_) => Next::Backoff(None),
+                        // A missing Secret or key: its watch brings the next check.
+                        _ => Next::WaitForChange,
+                    };
+                    return Checked::failed(e.reason(), e.to_string(), next);
                 }
+            };
+            let checked = backend.check().await;
+            // An auth Secret changed while the check ran: its verdict is about the old content,
+            // so check again with a client built from the new one instead of reporting it.
+            if checked.is_err() && attempts < 2 && !self.clients.is_current(&key, &backend) {
+                continue;
             }
-            Err(e) => {
-                self.checkers.lock().expect("checkers lock").remove(&key);
-                let next = match e {
-                    BackendLookupError::Unavailable(_) => Next::Backoff(None),
-                    // A missing Secret or key: its watch brings the next check.
-                    _ => Next::WaitForChange,
-                };
-                return Checked::failed(e.reason(), e.to_string(), next);
-            }
+            break (backend, checked);
         };
-        match backend.check().await {
+        match checked {
             Ok(()) => Checked::ok(
                 format!(
                     "{} accepted the credentials and is healthy",
@@ -556,42 +525,6 @@ impl StatusContext {
         {
             warn!(error = %e, "cannot record an Event");
         }
-    }
-}
-
-/// Reads through the API and hashes what it read, to tell whether the Secrets changed since
-/// the kept client was built.
-struct Digesting {
-    inner: ApiSecrets,
-    digest: Mutex<Sha256>,
-}
-
-#[async_trait::async_trait]
-impl SecretSource for Digesting {
-    async fn get(
-        &self,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, String> {
-        let data = self.inner.get(namespace, name).await?;
-        let mut digest = self.digest.lock().expect("digest lock");
-        for part in [namespace.unwrap_or_default().as_bytes(), name.as_bytes()] {
-            digest.update((part.len() as u64).to_be_bytes());
-            digest.update(part);
-        }
-        match &data {
-            None => digest.update([0]),
-            Some(data) => {
-                digest.update([1]);
-                for (key, value) in data {
-                    for part in [key.as_bytes(), value.as_slice()] {
-                        digest.update((part.len() as u64).to_be_bytes());
-                        digest.update(part);
-                    }
-                }
-            }
-        }
-        Ok(data)
     }
 }
 

@@ -1,5 +1,7 @@
 //! Resolves an AppConnection's `backendRef` to a backend client, from caches of the backend
-//! resources and namespaces; clients are built once per backend generation.
+//! resources and namespaces. Backend clients live in [`Clients`], shared with the backend
+//! status checks: one client (so one token and one login) per backend generation and version
+//! of its auth Secrets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -9,12 +11,14 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
 use crate::backend::{self, Backend, SecretSource};
-use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
+use crate::crd::{
+    AppConnection, BackendKind, BackendProvider, ClusterConnectionBackend, ConnectionBackend,
+};
 use crate::metrics::Metrics;
 use crate::reconcile::{BackendInfo, BackendLookupError};
 
 /// Cache key: kind, namespace ("" for the cluster kind), name.
-type BackendKey = (BackendKind, String, String);
+pub(super) type BackendKey = (BackendKind, String, String);
 
 struct Built {
     uid: String,
@@ -24,49 +28,136 @@ struct Built {
     backend: Arc<dyn Backend>,
 }
 
-pub struct Registry {
+/// The backend clients, shared by the connections and the backend status checks.
+pub struct Clients {
     client: Client,
-    builtin: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
-    /// One cache per watched namespace scope.
-    pub backends: Vec<Store<ConnectionBackend>>,
-    pub cluster_backends: Store<ClusterConnectionBackend>,
-    pub namespaces: Store<Namespace>,
     built: Mutex<HashMap<BackendKey, Built>>,
+    /// One build at a time: callers that need the same client together get one client, so
+    /// one login (several refused logins in a row would lock an Infisical identity).
     building: tokio::sync::Mutex<()>,
 }
 
-impl Registry {
-    pub fn new(
-        client: Client,
-        builtin: Arc<dyn Backend>,
-        metrics: Arc<Metrics>,
-        backends: Vec<Store<ConnectionBackend>>,
-        cluster_backends: Store<ClusterConnectionBackend>,
-        namespaces: Store<Namespace>,
-    ) -> Self {
+/// What a client is built for: which backend, which version of it, and where its
+/// namespaced-kind Secrets live (None for the cluster kind, whose references name theirs).
+pub(super) struct BackendVersion<'a> {
+    pub key: BackendKey,
+    pub uid: String,
+    pub generation: i64,
+    pub provider: &'a BackendProvider,
+    pub secret_namespace: Option<String>,
+}
+
+impl Clients {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         Self {
             client,
-            builtin,
             metrics,
-            backends,
-            cluster_backends,
-            namespaces,
             built: Mutex::new(HashMap::new()),
             building: tokio::sync::Mutex::new(()),
         }
     }
 
-    pub fn builtin(&self) -> Arc<dyn Backend> {
-        self.builtin.clone()
-    }
-
-    /// Drops clients built from this Secret; returns whether any was.
+    /// Drops the clients built from this Secret (the next use builds one from its new
+    /// content); returns whether any was.
     pub fn secret_changed(&self, namespace: &str, name: &str) -> bool {
-        let mut built = self.built.lock().expect("registry lock");
+        let mut built = self.built.lock().expect("clients lock");
         let before = built.len();
         built.retain(|_, b| !b.secrets.iter().any(|(ns, n)| ns == namespace && n == name));
         built.len() != before
+    }
+
+    /// Drops the client of a deleted backend.
+    pub fn remove(&self, key: &BackendKey) {
+        self.built.lock().expect("clients lock").remove(key);
+    }
+
+    /// Whether `backend` is still the client kept for `key`: false once one of its Secrets
+    /// changed or a newer generation replaced it.
+    pub fn is_current(&self, key: &BackendKey, backend: &Arc<dyn Backend>) -> bool {
+        self.built
+            .lock()
+            .expect("clients lock")
+            .get(key)
+            .is_some_and(|b| Arc::ptr_eq(&b.backend, backend))
+    }
+
+    /// The kept client for this backend version, or a new one built from its Secrets. A
+    /// caller holding an older copy of the resource (its cache lags) gets the newer client.
+    pub(super) async fn get(
+        &self,
+        version: BackendVersion<'_>,
+    ) -> Result<Arc<dyn Backend>, BackendLookupError> {
+        let kept = |built: &HashMap<BackendKey, Built>| {
+            built
+                .get(&version.key)
+                .filter(|b| b.uid == version.uid && b.generation >= version.generation)
+                .map(|b| b.backend.clone())
+        };
+        if let Some(backend) = kept(&self.built.lock().expect("clients lock")) {
+            return Ok(backend);
+        }
+        let _building = self.building.lock().await;
+        if let Some(backend) = kept(&self.built.lock().expect("clients lock")) {
+            return Ok(backend);
+        }
+        let secrets = ApiSecrets {
+            client: self.client.clone(),
+            namespace: version.secret_namespace.clone(),
+        };
+        let built = backend::build(version.provider, &secrets, self.metrics.clone()).await;
+        let (backend, mut used) = match built {
+            Ok(built) => built,
+            Err(e) => {
+                self.remove(&version.key);
+                return Err(e);
+            }
+        };
+        // The namespaced kind's references name no namespace: they are in its own.
+        if let Some(own) = &version.secret_namespace {
+            used.iter_mut().for_each(|(ns, _)| ns.clone_from(own));
+        }
+        self.built.lock().expect("clients lock").insert(
+            version.key,
+            Built {
+                uid: version.uid,
+                generation: version.generation,
+                secrets: used,
+                backend: backend.clone(),
+            },
+        );
+        Ok(backend)
+    }
+}
+
+pub struct Registry {
+    builtin: Arc<dyn Backend>,
+    /// One cache per watched namespace scope.
+    pub backends: Vec<Store<ConnectionBackend>>,
+    pub cluster_backends: Store<ClusterConnectionBackend>,
+    pub namespaces: Store<Namespace>,
+    pub clients: Arc<Clients>,
+}
+
+impl Registry {
+    pub fn new(
+        builtin: Arc<dyn Backend>,
+        clients: Arc<Clients>,
+        backends: Vec<Store<ConnectionBackend>>,
+        cluster_backends: Store<ClusterConnectionBackend>,
+        namespaces: Store<Namespace>,
+    ) -> Self {
+        Self {
+            builtin,
+            backends,
+            cluster_backends,
+            namespaces,
+            clients,
+        }
+    }
+
+    pub fn builtin(&self) -> Arc<dyn Backend> {
+        self.builtin.clone()
     }
 
     /// The backend for a connection.
@@ -132,35 +223,16 @@ impl Registry {
         if provider.builtin.is_some() {
             return Ok((self.builtin.clone(), info));
         }
-        let uid = uid.unwrap_or_default();
-        let generation = generation.unwrap_or_default();
-        // One build at a time: connections reconciled together share one client, so one login
-        // (several refused logins in a row would lock an Infisical identity).
-        let _building = self.building.lock().await;
-        if let Some(built) = self.built.lock().expect("registry lock").get(&key)
-            && built.uid == uid
-            && built.generation == generation
-        {
-            return Ok((built.backend.clone(), info));
-        }
-        let secrets = ApiSecrets {
-            client: self.client.clone(),
-            namespace: secret_namespace.clone(),
-        };
-        let (backend, mut used) = backend::build(&provider, &secrets, self.metrics.clone()).await?;
-        // The namespaced kind's references name no namespace: they are in its own.
-        if let Some(own) = &secret_namespace {
-            used.iter_mut().for_each(|(ns, _)| ns.clone_from(own));
-        }
-        self.built.lock().expect("registry lock").insert(
-            key,
-            Built {
-                uid,
-                generation,
-                secrets: used,
-                backend: backend.clone(),
-            },
-        );
+        let backend = self
+            .clients
+            .get(BackendVersion {
+                key,
+                uid: uid.unwrap_or_default(),
+                generation: generation.unwrap_or_default(),
+                provider: &provider,
+                secret_namespace,
+            })
+            .await?;
         Ok((backend, info))
     }
 

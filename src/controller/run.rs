@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, warn};
 
-use super::backends::Registry;
+use super::backends::{Clients, Registry};
 use super::connections::{self, Context};
 use super::index::RefIndex;
 use crate::backend::Backend;
@@ -99,10 +99,12 @@ pub async fn run_controllers(
     let (namespace_store, task) = cache(Api::<Namespace>::all(client.clone()), None);
     cache_tasks.push(task);
     drop(backend_tx);
+    let clients = Arc::new(Clients::new(client.clone(), config.metrics.clone()));
     // The backends' own Ready condition (auth + health check), which the Registry heeds.
     cache_tasks.push(
         super::backend_status::run(
             client.clone(),
+            clients.clone(),
             scopes.clone(),
             config.metrics.clone(),
             shutdown.clone(),
@@ -118,9 +120,8 @@ pub async fn run_controllers(
         client: client.clone(),
         reconciler: Reconciler::new(config.hash_key.clone()),
         registry: Registry::new(
-            client.clone(),
             config.builtin.clone(),
-            config.metrics.clone(),
+            clients,
             backend_stores.clone(),
             cluster_store.clone(),
             namespace_store.clone(),
@@ -169,7 +170,7 @@ pub async fn run_controllers(
                 move |secret| {
                     let ns = secret.namespace().unwrap_or_default();
                     let name = secret.name_any();
-                    secret_ctx.registry.secret_changed(&ns, &name);
+                    secret_ctx.registry.clients.secret_changed(&ns, &name);
                     secret_ctx
                         .index
                         .for_secret(&ns, &name)
