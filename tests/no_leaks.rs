@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use appconn_testkit::logs::{self, Capture};
 use common::{Cluster, Operator, OperatorSettings, Paths, ready, reason_is};
 use kube::Api;
 use serde_json::json;
@@ -15,27 +14,12 @@ use serde_json::json;
 const CANARY: &str = "zebra-canary-7781";
 const WAIT: Duration = Duration::from_secs(20);
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_value_anywhere() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("trace")
-        .with_writer(move || writer.clone())
-        .init();
+    if !logs::alone("no_secret_value_anywhere") {
+        return;
+    }
+    let logs = Capture::start();
 
     let cluster = Cluster::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -117,7 +101,7 @@ async fn no_secret_value_anywhere() {
     }
     seen.push_str(&operator.metrics().await);
     operator.stop().await;
-    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    let logs = logs.text();
     assert!(logs.contains("reconciled"), "the capture works");
     assert!(seen.contains("InvalidCredential") && seen.contains("hmac-sha256:"));
     for (what, text) in [("status, Events or metrics", &seen), ("the logs", &logs)] {

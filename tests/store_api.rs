@@ -3,8 +3,7 @@
 //! credentials route, and only for a caller RBAC allows, ever carries a secret.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use appconn::backend::RotationSchedule;
 use appconn::keys::InstallationKeys;
@@ -12,6 +11,7 @@ use appconn::secret::Credentials;
 use appconn::store::api::{StoreApiState, serve};
 use appconn::store::{NewRecord, SqliteStore, StoreEngine};
 use appconn_testkit::apiserver::{TestApiServer, UserInfo};
+use appconn_testkit::logs::{self, Capture};
 use jiff::Timestamp;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -440,34 +440,12 @@ async fn reviews_are_cached() {
     assert_eq!(h.reviews("subjectaccessreviews"), 2);
 }
 
-/// A `tracing` writer that keeps every line.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-// Current-thread runtime (the default): the server, the test API server and this test share the
-// thread, so the thread-local subscriber sees all of their events.
 #[tokio::test]
 async fn logs_never_hold_the_token_or_a_secret() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
+    if !logs::alone("logs_never_hold_the_token_or_a_secret") {
+        return;
+    }
+    let logs = Capture::start();
     let h = start().await;
     h.api.allow(
         USER,
@@ -491,7 +469,7 @@ async fn logs_never_hold_the_token_or_a_secret() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     // The capture works: the credentials read is audited, with who read what.
     assert!(logs.contains("served connection credentials"), "{logs}");
     assert!(logs.contains(USER), "{logs}");

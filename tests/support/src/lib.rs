@@ -1,3 +1,4 @@
 pub mod apiserver;
 pub mod crds;
 pub mod fake;
+pub mod logs;
