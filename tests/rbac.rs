@@ -158,10 +158,20 @@ async fn rbac_grants_exactly_the_calls_the_operator_makes() {
     cluster.wait_gone("plain", WAIT).await;
     operator.stop().await;
 
-    let made: BTreeSet<Call> = server
+    let requests: Vec<_> = server
         .requests()
         .into_iter()
         .filter(|r| r.user_agent.as_deref() == Some(OPERATOR_AGENT))
+        .collect();
+    // Connections and backend checks share one stream of Secret metadata per scope.
+    let secret_watches = requests
+        .iter()
+        .filter(|r| r.resource == "secrets" && r.verb == "watch")
+        .count();
+    assert_eq!(secret_watches, 1, "one Secret watch for the whole scope");
+
+    let made: BTreeSet<Call> = requests
+        .into_iter()
         .map(|r| {
             let resource = if r.subresource.is_empty() {
                 r.resource

@@ -16,14 +16,13 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -156,11 +155,13 @@ impl Checked {
 }
 
 /// Runs the status controllers of both backend kinds, the namespaced kind once per scope
-/// (`None`: all namespaces), until `shutdown` resolves.
+/// (`None`: all namespaces), until `shutdown` resolves. `secrets` names each touched Secret
+/// (namespace, name) after the clients built from it were dropped.
 pub(super) async fn run(
     client: Client,
     clients: Arc<Clients>,
     scopes: Vec<Option<String>>,
+    secrets: mpsc::UnboundedReceiver<(String, String)>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
@@ -186,6 +187,7 @@ pub(super) async fn run(
     );
     let cluster_store = cluster.store();
     let mut tasks = vec![drive(cluster, cluster_rx, ctx.clone(), shutdown.clone()).boxed()];
+    let mut scoped = Vec::new();
     for scope in scopes {
         let (tx, rx) = mpsc::unbounded_channel();
         let api: Api<DeserializeGuard<ConnectionBackend>> = match &scope {
@@ -193,41 +195,24 @@ pub(super) async fn run(
             None => Api::all(client.clone()),
         };
         let controller = Controller::new(api, watcher::Config::default().any_semantic());
-        let store = controller.store();
+        scoped.push((controller.store(), tx));
         tasks.push(drive(controller, rx, ctx.clone(), shutdown.clone()).boxed());
-        // Metadata only: Secret data is read when a check runs, never cached.
-        let secrets: Api<PartialObjectMeta<Secret>> = match &scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let cluster_store = cluster_store.clone();
-        let cluster_tx = cluster_tx.clone();
-        let clients = clients.clone();
-        let triggers = watcher(secrets, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .touched_objects()
-            .take_until(shutdown.clone())
-            .for_each(move |secret| {
-                match secret {
-                    Ok(secret) => {
-                        let ns = secret.namespace().unwrap_or_default();
-                        let name = secret.name_any();
-                        // Before the checks start: they build their client from the new content.
-                        clients.secret_changed(&ns, &name);
-                        for backend in users(&store, &ns, &name) {
-                            let _ = tx.send(backend);
-                        }
-                        for backend in users(&cluster_store, &ns, &name) {
-                            let _ = cluster_tx.send(backend);
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "Secret watch error (backend status); retrying"),
-                }
-                future::ready(())
-            });
-        tasks.push(triggers.boxed());
     }
-    drop(cluster_tx);
+    // A touched Secret triggers the checks of the backends that read it.
+    let triggers = UnboundedReceiverStream::new(secrets)
+        .take_until(shutdown)
+        .for_each(move |(namespace, name)| {
+            for (store, tx) in &scoped {
+                for backend in users(store, &namespace, &name) {
+                    let _ = tx.send(backend);
+                }
+            }
+            for backend in users(&cluster_store, &namespace, &name) {
+                let _ = cluster_tx.send(backend);
+            }
+            future::ready(())
+        });
+    tasks.push(triggers.boxed());
     future::join_all(tasks).await;
 }
 

@@ -100,12 +100,15 @@ pub async fn run_controllers(
     cache_tasks.push(task);
     drop(backend_tx);
     let clients = Arc::new(Clients::new(client.clone(), config.metrics.clone()));
+    // Touched Secrets, from the one Secret watch per scope below, for the backend checks.
+    let (backend_secrets, backend_secrets_rx) = mpsc::unbounded_channel();
     // The backends' own Ready condition (auth + health check), which the Registry heeds.
     cache_tasks.push(
         super::backend_status::run(
             client.clone(),
             clients.clone(),
             scopes.clone(),
+            backend_secrets_rx,
             config.metrics.clone(),
             shutdown.clone(),
         )
@@ -137,17 +140,25 @@ pub async fn run_controllers(
         gone: Mutex::new(HashMap::new()),
     });
 
-    // Backend changes reach the connections that use them, in whichever controller runs them.
+    // Backend and Secret changes reach the connections that use them, in whichever controller
+    // runs them.
     let mut triggers = HashMap::new();
     let mut controllers = Vec::new();
     let mut readers: Vec<Store<Conn>> = Vec::new();
     for scope in &scopes {
         let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<Conn>>();
-        triggers.insert(scope.clone(), tx);
+        triggers.insert(scope.clone(), tx.clone());
         let conns: Api<Conn> = scoped(&client, scope.as_deref());
-        // Metadata only: Secret data is read on demand, never cached.
-        let secrets: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
-        let secret_ctx = ctx.clone();
+        cache_tasks.push(
+            secret_watch(
+                scoped(&client, scope.as_deref()),
+                ctx.clone(),
+                tx,
+                backend_secrets.clone(),
+                shutdown.clone(),
+            )
+            .boxed(),
+        );
         // The cache keeps every AppConnection; managedFields and kubectl's last-applied copy
         // are most of an object's size and nothing here reads them.
         let (reader, writer) = reflector::store::<Conn>();
@@ -163,22 +174,6 @@ pub async fn run_controllers(
             .applied_objects();
         let controller = Controller::for_stream(conn_events, reader)
             .with_config(controller::Config::default().concurrency(config.concurrency))
-            .watches_stream(
-                watcher(secrets, watcher::Config::default().any_semantic())
-                    .default_backoff()
-                    .touched_objects(),
-                move |secret| {
-                    let ns = secret.namespace().unwrap_or_default();
-                    let name = secret.name_any();
-                    secret_ctx.registry.clients.secret_changed(&ns, &name);
-                    secret_ctx
-                        .index
-                        .for_secret(&ns, &name)
-                        .into_iter()
-                        .map(|(ns, n)| ObjectRef::new(&n).within(&ns))
-                        .collect::<Vec<_>>()
-                },
-            )
             .reconcile_on(UnboundedReceiverStream::new(rx))
             .graceful_shutdown_on(shutdown.clone());
         readers.push(controller.store());
@@ -195,6 +190,7 @@ pub async fn run_controllers(
                 .boxed(),
         );
     }
+    drop(backend_secrets);
 
     let route_ctx = ctx.clone();
     let router = UnboundedReceiverStream::new(backend_rx).for_each(move |(kind, ns, name)| {
@@ -232,6 +228,37 @@ pub async fn run_controllers(
     }
     (config.on_ready)(false);
     info!("controllers stopped");
+}
+
+/// Watches the metadata of the Secrets in one scope, until `shutdown` (their data is read on
+/// demand, never cached). A touched Secret drops the backend clients built from it, then triggers the
+/// connections that read it and, through `backends`, the checks of the backends that do.
+fn secret_watch(
+    api: Api<PartialObjectMeta<Secret>>,
+    ctx: Arc<Context>,
+    connections: mpsc::UnboundedSender<ObjectRef<Conn>>,
+    backends: mpsc::UnboundedSender<(String, String)>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send {
+    watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects()
+        .take_until(shutdown)
+        .for_each(move |secret| {
+            match secret {
+                Ok(secret) => {
+                    let namespace = secret.namespace().unwrap_or_default();
+                    let name = secret.name_any();
+                    ctx.registry.clients.secret_changed(&namespace, &name);
+                    for (ns, n) in ctx.index.for_secret(&namespace, &name) {
+                        let _ = connections.send(ObjectRef::new(&n).within(&ns));
+                    }
+                    let _ = backends.send((namespace, name));
+                }
+                Err(e) => warn!(error = %e, "Secret watch error; retrying"),
+            }
+            future::ready(())
+        })
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
