@@ -769,20 +769,15 @@ async fn backend_status_follows_its_identity_and_holds_its_connections() {
         .await;
     assert_eq!(env.stored(&conn)["name"], "warehouse-prod");
     assert!(!env.fake.is_locked(CLIENT_ID), "never locked out");
-    // A reconcile already under way when the Secret changed may try the old client once; its
-    // refused login is not repeated, and the next reconcile gets a client with the new secret.
+    // The wrong secret was tried once: later checks with it waited for the cool-down, and the
+    // fixed Secret brought a new client.
     let refused = env
         .fake
         .requests()
         .iter()
         .filter(|r| r.is_login() && r.status == 401)
         .count();
-    assert!(refused <= 1, "{refused} logins with the old secret");
-    assert!(!env.fake.is_locked(CLIENT_ID));
-    assert!(
-        (1..=2).contains(&refused),
-        "refused logins are not retried in a loop: {refused}"
-    );
+    assert_eq!(refused, 1, "logins with the wrong secret");
 
     let events = env.events_about("wrong").await;
     assert!(

@@ -25,16 +25,11 @@ pub trait SecretSource: Send + Sync {
     ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String>;
 }
 
-/// Secrets read while building, as (namespace, name): a change to one rebuilds the client.
-pub type UsedSecrets = Vec<(String, String)>;
-
 async fn read(
     secrets: &dyn SecretSource,
     source: &SecretValueSource,
-    used: &mut UsedSecrets,
 ) -> Result<SecretString, BackendLookupError> {
     let r = &source.secret_key_ref;
-    used.push((r.namespace.clone().unwrap_or_default(), r.name.clone()));
     let data = secrets
         .get(r.namespace.as_deref(), &r.name)
         .await
@@ -62,12 +57,11 @@ pub async fn build(
     provider: &BackendProvider,
     secrets: &dyn SecretSource,
     metrics: Arc<Metrics>,
-) -> Result<(Arc<dyn Backend>, UsedSecrets), BackendLookupError> {
-    let mut used = UsedSecrets::new();
+) -> Result<Arc<dyn Backend>, BackendLookupError> {
     if let Some(infisical) = &provider.infisical {
         let auth = &infisical.auth.universal_auth;
-        let client_id = read(secrets, &auth.client_id, &mut used).await?;
-        let client_secret = read(secrets, &auth.client_secret, &mut used).await?;
+        let client_id = read(secrets, &auth.client_id).await?;
+        let client_secret = read(secrets, &auth.client_secret).await?;
         let config = InfisicalConfig::from_provider(
             infisical,
             provider.rate_limit,
@@ -80,7 +74,7 @@ pub async fn build(
             }
             other => BackendLookupError::NotReady(other.to_string()),
         })?;
-        return Ok((Arc::new(backend), used));
+        return Ok(Arc::new(backend));
     }
     let name = provider.type_name().unwrap_or("none");
     Err(BackendLookupError::NotReady(format!(

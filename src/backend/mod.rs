@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use serde_json::Value;
 
-pub use factory::{SecretSource, UsedSecrets, build};
+pub use factory::{SecretSource, build};
 
 use crate::reconcile::Reason;
 use crate::secret::Credentials;

@@ -230,8 +230,7 @@ impl Environment for CliEnv<'_> {
             secrets: &self.manifests.secrets,
             namespace: own_namespace,
         };
-        let (backend, _) =
-            backend::build(provider, &secrets, self.backends.metrics.clone()).await?;
+        let backend = backend::build(provider, &secrets, self.backends.metrics.clone()).await?;
         self.backends.insert(key, backend.clone());
         Ok((backend, info))
     }

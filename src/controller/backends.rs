@@ -24,7 +24,7 @@ struct Built {
     uid: String,
     generation: i64,
     /// The Secrets the client was built from, to drop it when one changes.
-    secrets: Vec<(String, String)>,
+    secrets: Vec<SecretVersion>,
     backend: Arc<dyn Backend>,
 }
 
@@ -58,12 +58,18 @@ impl Clients {
         }
     }
 
-    /// Drops the clients built from this Secret (the next use builds one from its new
-    /// content); returns whether any was.
-    pub fn secret_changed(&self, namespace: &str, name: &str) -> bool {
+    /// Drops the clients built from another version of this Secret (the next use builds one
+    /// from the new content); returns whether any was. `version` None: from any version.
+    pub fn secret_changed(&self, namespace: &str, name: &str, version: Option<&str>) -> bool {
         let mut built = self.built.lock().expect("clients lock");
         let before = built.len();
-        built.retain(|_, b| !b.secrets.iter().any(|(ns, n)| ns == namespace && n == name));
+        built.retain(|_, b| {
+            !b.secrets.iter().any(|used| {
+                used.namespace == namespace
+                    && used.name == name
+                    && (version.is_none() || used.version.as_deref() != version)
+            })
+        });
         built.len() != before
     }
 
@@ -104,25 +110,22 @@ impl Clients {
         let secrets = ApiSecrets {
             client: self.client.clone(),
             namespace: version.secret_namespace.clone(),
+            read: Mutex::default(),
         };
         let built = backend::build(version.provider, &secrets, self.metrics.clone()).await;
-        let (backend, mut used) = match built {
-            Ok(built) => built,
+        let backend = match built {
+            Ok(backend) => backend,
             Err(e) => {
                 self.remove(&version.key);
                 return Err(e);
             }
         };
-        // The namespaced kind's references name no namespace: they are in its own.
-        if let Some(own) = &version.secret_namespace {
-            used.iter_mut().for_each(|(ns, _)| ns.clone_from(own));
-        }
         self.built.lock().expect("clients lock").insert(
             version.key,
             Built {
                 uid: version.uid,
                 generation: version.generation,
-                secrets: used,
+                secrets: secrets.read.into_inner().expect("read lock"),
                 backend: backend.clone(),
             },
         );
@@ -284,11 +287,20 @@ fn not_ready(
     }
 }
 
+/// A Secret a client was built from, and the resourceVersion it was read at (None: missing).
+struct SecretVersion {
+    namespace: String,
+    name: String,
+    version: Option<String>,
+}
+
 /// Reads backend auth Secrets through the API: from the backend's own namespace for the
-/// namespaced kind, from the namespace each reference names for the cluster kind.
-pub(super) struct ApiSecrets {
-    pub(super) client: Client,
-    pub(super) namespace: Option<String>,
+/// namespaced kind, from the namespace each reference names for the cluster kind. Notes the
+/// version of each Secret it read.
+struct ApiSecrets {
+    client: Client,
+    namespace: Option<String>,
+    read: Mutex<Vec<SecretVersion>>,
 }
 
 #[async_trait::async_trait]
@@ -303,6 +315,80 @@ impl SecretSource for ApiSecrets {
             .as_deref()
             .or(namespace)
             .ok_or_else(|| format!("secretKeyRef {name:?} must name its namespace"))?;
-        super::kube_env::read_secret(&self.client, namespace, name).await
+        let read = super::kube_env::read_secret_version(&self.client, namespace, name).await?;
+        let (data, version) = read.map_or((None, None), |(data, v)| (Some(data), v));
+        self.read.lock().expect("read lock").push(SecretVersion {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            version,
+        });
+        Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::infisical::{InfisicalBackend, InfisicalConfig};
+    use crate::crd::InfisicalProvider;
+    use crate::secret::SecretString;
+
+    fn clients() -> Clients {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        Clients::new(
+            Client::try_from(config).unwrap(),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn infisical() -> Arc<dyn Backend> {
+        let provider: InfisicalProvider = serde_json::from_value(serde_json::json!({
+            "url": "https://infisical.example",
+            "auth": {"universalAuth": {
+                "clientId": {"secretKeyRef": {"name": "mi", "key": "clientId"}},
+                "clientSecret": {"secretKeyRef": {"name": "mi", "key": "clientSecret"}}}},
+        }))
+        .unwrap();
+        let placeholder = || SecretString::new(String::new());
+        let config = InfisicalConfig::from_provider(&provider, None, placeholder(), placeholder());
+        Arc::new(InfisicalBackend::new(config, Arc::new(Metrics::default())).unwrap())
+    }
+
+    fn keep(clients: &Clients, key: &BackendKey, version: &str) -> Arc<dyn Backend> {
+        let backend = infisical();
+        clients.built.lock().unwrap().insert(
+            key.clone(),
+            Built {
+                uid: "u".into(),
+                generation: 1,
+                secrets: vec![SecretVersion {
+                    namespace: "ns".into(),
+                    name: "mi".into(),
+                    version: Some(version.into()),
+                }],
+                backend: backend.clone(),
+            },
+        );
+        backend
+    }
+
+    #[tokio::test]
+    async fn a_client_is_dropped_only_for_another_version_of_its_secrets() {
+        let clients = clients();
+        let key: BackendKey = (BackendKind::ConnectionBackend, "ns".into(), "b".into());
+        let backend = keep(&clients, &key, "41");
+
+        // The event of the version it was read at, arriving after the build: kept.
+        assert!(!clients.secret_changed("ns", "mi", Some("41")));
+        // Another Secret, or the same name elsewhere: kept.
+        assert!(!clients.secret_changed("ns", "other", Some("50")));
+        assert!(!clients.secret_changed("elsewhere", "mi", Some("50")));
+        assert!(clients.is_current(&key, &backend));
+
+        assert!(clients.secret_changed("ns", "mi", Some("42")));
+        assert!(!clients.is_current(&key, &backend));
+
+        keep(&clients, &key, "42");
+        assert!(clients.secret_changed("ns", "mi", None), "any version");
     }
 }

@@ -45,17 +45,31 @@ pub(super) async fn read_secret(
     namespace: &str,
     name: &str,
 ) -> Result<Option<SecretData>, String> {
+    Ok(read_secret_version(client, namespace, name)
+        .await?
+        .map(|(data, _)| data))
+}
+
+/// A Secret's data and its resourceVersion, read from the API (never cached).
+pub(super) async fn read_secret_version(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<(SecretData, Option<String>)>, String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = api
         .get_opt(name)
         .await
         .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
     Ok(secret.map(|s| {
-        s.data
+        let version = s.resource_version();
+        let data = s
+            .data
             .unwrap_or_default()
             .into_iter()
             .map(|(k, v)| (k, v.0))
-            .collect()
+            .collect();
+        (data, version)
     }))
 }
 

@@ -231,8 +231,9 @@ pub async fn run_controllers(
 }
 
 /// Watches the metadata of the Secrets in one scope, until `shutdown` (their data is read on
-/// demand, never cached). A touched Secret drops the backend clients built from it, then triggers the
-/// connections that read it and, through `backends`, the checks of the backends that do.
+/// demand, never cached). A touched Secret drops the backend clients built from another
+/// version of it, then triggers the connections that read it and, through `backends`, the
+/// checks of the backends that do.
 fn secret_watch(
     api: Api<PartialObjectMeta<Secret>>,
     ctx: Arc<Context>,
@@ -249,7 +250,11 @@ fn secret_watch(
                 Ok(secret) => {
                     let namespace = secret.namespace().unwrap_or_default();
                     let name = secret.name_any();
-                    ctx.registry.clients.secret_changed(&namespace, &name);
+                    // A client read at this version already (the event came late) is kept.
+                    let version = secret.resource_version();
+                    ctx.registry
+                        .clients
+                        .secret_changed(&namespace, &name, version.as_deref());
                     for (ns, n) in ctx.index.for_secret(&namespace, &name) {
                         let _ = connections.send(ObjectRef::new(&n).within(&ns));
                     }

@@ -332,7 +332,8 @@ impl Client {
             cooldown_secs = cooldown.as_secs(),
             "Infisical login refused; not trying again before the cool-down"
         );
-        auth.cooldown = Some((now + cooldown, message.clone()));
+        // Counted from the refusal, so no login reaches the server within the cool-down.
+        auth.cooldown = Some((Instant::now() + cooldown, message.clone()));
         Err(BackendError::Auth {
             message: format!("{message}; next login attempt in {}s", secs(cooldown)),
         })
