@@ -20,6 +20,9 @@ use crate::reconcile::{BackendInfo, BackendLookupError};
 /// Cache key: kind, namespace ("" for the cluster kind), name.
 pub(super) type BackendKey = (BackendKind, String, String);
 
+/// A Secret's namespace and name.
+type SecretKey = (String, String);
+
 struct Built {
     uid: String,
     generation: i64,
@@ -36,6 +39,9 @@ pub struct Clients {
     /// One build at a time: callers that need the same client together get one client, so
     /// one login (several refused logins in a row would lock an Infisical identity).
     building: tokio::sync::Mutex<()>,
+    /// Every Secret a client was built from: the version named by its latest watch event
+    /// since the last build that read it began (None: no event since).
+    events: Mutex<HashMap<SecretKey, Option<String>>>,
 }
 
 /// What a client is built for: which backend, which version of it, and where its
@@ -55,12 +61,21 @@ impl Clients {
             metrics,
             built: Mutex::new(HashMap::new()),
             building: tokio::sync::Mutex::new(()),
+            events: Mutex::new(HashMap::new()),
         }
     }
 
     /// Drops the clients built from another version of this Secret (the next use builds one
     /// from the new content); returns whether any was. `version` None: from any version.
     pub fn secret_changed(&self, namespace: &str, name: &str, version: Option<&str>) -> bool {
+        if let Some(seen) = self
+            .events
+            .lock()
+            .expect("events lock")
+            .get_mut(&(namespace.to_string(), name.to_string()))
+        {
+            *seen = Some(version.unwrap_or_default().to_string());
+        }
         let mut built = self.built.lock().expect("clients lock");
         let before = built.len();
         built.retain(|_, b| {
@@ -111,6 +126,7 @@ impl Clients {
             client: self.client.clone(),
             namespace: version.secret_namespace.clone(),
             read: Mutex::default(),
+            events: &self.events,
         };
         let built = backend::build(version.provider, &secrets, self.metrics.clone()).await;
         let backend = match built {
@@ -120,12 +136,21 @@ impl Clients {
                 return Err(e);
             }
         };
+        let read = secrets.read.into_inner().expect("read lock");
+        // A watch event that came while the build read is either for a version the build
+        // did not see (so no later event would drop this client) or a late one for an older
+        // version: used once, not kept, the next use builds again.
+        if superseded(&read, &self.events.lock().expect("events lock")) {
+            tracing::debug!(backend = %version.key.2, "an auth Secret changed during the build; the client is not kept");
+            self.remove(&version.key);
+            return Ok(backend);
+        }
         self.built.lock().expect("clients lock").insert(
             version.key,
             Built {
                 uid: version.uid,
                 generation: version.generation,
-                secrets: secrets.read.into_inner().expect("read lock"),
+                secrets: read,
                 backend: backend.clone(),
             },
         );
@@ -294,17 +319,26 @@ struct SecretVersion {
     version: Option<String>,
 }
 
+/// Whether a watch event since the build began names another version of a Secret it read.
+fn superseded(read: &[SecretVersion], events: &HashMap<SecretKey, Option<String>>) -> bool {
+    read.iter().any(|used| {
+        let key = (used.namespace.clone(), used.name.clone());
+        matches!(events.get(&key), Some(Some(seen)) if used.version.as_ref() != Some(seen))
+    })
+}
+
 /// Reads backend auth Secrets through the API: from the backend's own namespace for the
 /// namespaced kind, from the namespace each reference names for the cluster kind. Notes the
-/// version of each Secret it read.
-struct ApiSecrets {
+/// version of each Secret it read, and clears its [`Clients::events`] entry before the read.
+struct ApiSecrets<'a> {
     client: Client,
     namespace: Option<String>,
     read: Mutex<Vec<SecretVersion>>,
+    events: &'a Mutex<HashMap<SecretKey, Option<String>>>,
 }
 
 #[async_trait::async_trait]
-impl SecretSource for ApiSecrets {
+impl SecretSource for ApiSecrets<'_> {
     async fn get(
         &self,
         namespace: Option<&str>,
@@ -315,6 +349,11 @@ impl SecretSource for ApiSecrets {
             .as_deref()
             .or(namespace)
             .ok_or_else(|| format!("secretKeyRef {name:?} must name its namespace"))?;
+        // Before the read: an event processed later may be for a version it did not see.
+        self.events
+            .lock()
+            .expect("events lock")
+            .insert((namespace.to_string(), name.to_string()), None);
         let read = super::kube_env::read_secret_version(&self.client, namespace, name).await?;
         let (data, version) = read.map_or((None, None), |(data, v)| (Some(data), v));
         self.read.lock().expect("read lock").push(SecretVersion {
@@ -370,6 +409,31 @@ mod tests {
             },
         );
         backend
+    }
+
+    #[test]
+    fn a_build_is_superseded_by_an_event_for_another_version_during_it() {
+        let read = |version: Option<&str>| {
+            vec![SecretVersion {
+                namespace: "ns".into(),
+                name: "mi".into(),
+                version: version.map(str::to_string),
+            }]
+        };
+        let key = ("ns".to_string(), "mi".to_string());
+        let mut events = HashMap::new();
+        events.insert(key.clone(), None);
+        assert!(!superseded(&read(Some("41")), &events), "no event");
+        events.insert(key.clone(), Some("41".to_string()));
+        assert!(!superseded(&read(Some("41")), &events), "its own version");
+        events.insert(key.clone(), Some("42".to_string()));
+        assert!(superseded(&read(Some("41")), &events));
+        assert!(
+            superseded(&read(None), &events),
+            "created while read as missing"
+        );
+        events.clear();
+        assert!(!superseded(&read(Some("41")), &events), "not followed");
     }
 
     #[tokio::test]
