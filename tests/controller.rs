@@ -8,12 +8,9 @@ use std::time::{Duration, Instant};
 use appconn::crd::{AppConnection, CREATE_PENDING, FIELD_MANAGER, FINALIZER};
 use appconn::keys::InstallationKeys;
 use appconn::store::{NewRecord, RecordSummary, SqliteStore, StoreEngine};
-use common::{Cluster, Operator, OperatorSettings, Paths, condition, eventually, ready, reason_is};
-use k8s_openapi::api::events::v1::Event;
+use common::{Cluster, Operator, OperatorSettings, Paths, condition, ready, reason_is};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, CustomResourceExt, ResourceExt};
 use serde_json::json;
 
@@ -74,20 +71,7 @@ async fn create_then_secret_change_updates_the_backend() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].id.to_string(), id);
 
-    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    eventually(WAIT, "a Created event", || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("Created")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("warehouse")
-            })
-    })
-    .await;
+    cluster.wait_event("warehouse", "Created", WAIT).await;
 
     let written = Instant::now();
     cluster
@@ -543,17 +527,7 @@ async fn a_backend_object_deleted_elsewhere_is_recreated_at_the_next_drift_check
         Some(1),
         "same content, recreated"
     );
-    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    eventually(WAIT, "a Recreated event", || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("Recreated"))
-    })
-    .await;
+    cluster.wait_event("drifty", "Recreated", WAIT).await;
     operator.stop().await;
 }
 
@@ -602,28 +576,11 @@ async fn an_unreadable_connection_is_reported_and_the_rest_go_on() {
     cluster.create_connection("fine", mssql_spec()).await;
     cluster.wait_for("fine", WAIT, "Ready", ready).await;
 
-    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    eventually(
-        WAIT,
-        "an InvalidSpec Warning on the unreadable one",
-        || async {
-            events
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .any(|e| {
-                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("unreadable")
-                        && e.reason.as_deref() == Some("InvalidSpec")
-                        && e.type_.as_deref() == Some("Warning")
-                        && e.note.as_deref().is_some_and(|n| {
-                            n.starts_with("cannot read the AppConnection") && n.contains("base64")
-                        })
-                })
-        },
-    )
-    .await;
+    let event = cluster.wait_event("unreadable", "InvalidSpec", WAIT).await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let note = event.note.unwrap_or_default();
+    assert!(note.starts_with("cannot read the AppConnection"), "{note}");
+    assert!(note.contains("base64"), "{note}");
     let conn = raw.get("unreadable").await.unwrap();
     assert!(
         conn.data.get("status").is_none(),

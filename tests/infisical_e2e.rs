@@ -13,8 +13,7 @@ use appconn::crd::{
 };
 use appconn_testkit::fake::infisical::FakeInfisical;
 use common::{Cluster, Operator, OperatorSettings, Paths, condition, eventually, ready, reason_is};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
@@ -162,37 +161,19 @@ impl Env {
             .await;
     }
 
-    fn events(&self) -> Api<Event> {
-        Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace)
-    }
-
     /// (reason, note) of the Events about `name`.
     async fn events_about(&self, name: &str) -> Vec<(String, String)> {
-        self.events()
-            .list(&ListParams::default())
+        self.cluster
+            .events_about(name)
             .await
-            .unwrap()
-            .items
             .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
             .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
             .collect()
     }
 
     async fn wait_event(&self, name: &str, reason: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some((_, note)) = self
-                .events_about(name)
-                .await
-                .into_iter()
-                .find(|(r, _)| r == reason)
-            {
-                return note;
-            }
-            assert!(Instant::now() < deadline, "no {reason} Event about {name}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let event = self.cluster.wait_event(name, reason, WAIT).await;
+        event.note.unwrap_or_default()
     }
 
     fn id_of(&self, conn: &AppConnection) -> String {

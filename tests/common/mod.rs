@@ -12,7 +12,8 @@ use appconn::controller::operator::{self, OperatorOptions};
 use appconn::crd::AppConnection;
 use appconn_testkit::apiserver::TestApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use tokio::sync::oneshot;
 
@@ -145,6 +146,34 @@ impl Cluster {
         while self.connections().get_opt(name).await.unwrap().is_some() {
             assert!(Instant::now() < deadline, "{name} was not deleted in time");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The Events about object `name` in the test namespace.
+    pub async fn events_about(&self, name: &str) -> Vec<Event> {
+        Api::<Event>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect()
+    }
+
+    /// Waits for an Event about object `name` with this reason, and returns it.
+    pub async fn wait_event(&self, name: &str, reason: &str, timeout: Duration) -> Event {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events_about(name).await;
+            if let Some(event) = events
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+            {
+                return event;
+            }
+            assert!(Instant::now() < deadline, "no {reason} Event about {name}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 }
