@@ -156,7 +156,7 @@ impl Checked {
 
 /// Runs the status controllers of both backend kinds, the namespaced kind once per scope
 /// (`None`: all namespaces), until `shutdown` resolves. `secrets` names each touched Secret
-/// (namespace, name) after the clients built from it were dropped.
+/// (namespace, name), once the clients built from another version of it were dropped.
 pub(super) async fn run(
     client: Client,
     clients: Arc<Clients>,
