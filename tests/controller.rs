@@ -572,7 +572,17 @@ async fn an_unreadable_connection_is_reported_and_the_rest_go_on() {
     let raw: Api<DynamicObject> =
         Api::namespaced_with(cluster.client.clone(), &cluster.namespace, &resource);
     let object = DynamicObject::new("unreadable", &resource).data(json!({"spec": unreadable}));
-    raw.create(&PostParams::default(), &object).await.unwrap();
+    // The API server serves a changed CRD schema a moment after the write, as a real one does.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match raw.create(&PostParams::default(), &object).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 422 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("creating the unreadable AppConnection: {e}"),
+        }
+    }
     cluster.create_connection("fine", mssql_spec()).await;
     cluster.wait_for("fine", WAIT, "Ready", ready).await;
 
