@@ -42,8 +42,7 @@ fn mssql_spec() -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_then_secret_change_updates_the_backend() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
 
     cluster
@@ -114,8 +113,7 @@ async fn create_then_secret_change_updates_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_state_writes_nothing_over_several_refresh_periods() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let settings = OperatorSettings {
         refresh: Duration::from_millis(400),
         ..Default::default()
@@ -183,8 +181,7 @@ async fn reconciles(operator: &Operator) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletion_policy_delete_and_orphan() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
     cluster
         .put_secret("mssql", &[("username", "sa"), ("password", "pw")])
@@ -217,8 +214,7 @@ async fn deletion_policy_delete_and_orphan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_secret_waits_then_converges_when_created() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
     cluster.create_connection("early", mssql_spec()).await;
     let conn = cluster
@@ -266,8 +262,7 @@ async fn missing_secret_waits_then_converges_when_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_between_create_and_status_write_adopts_instead_of_duplicating() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     cluster
         .put_secret("mssql", &[("username", "sa"), ("password", "pw")])
         .await;
@@ -315,8 +310,7 @@ async fn restart_between_create_and_status_write_adopts_instead_of_duplicating()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_name_object_not_created_here_needs_adopt_existing() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let keys = InstallationKeys::load_or_create_file(&paths.key_file()).unwrap();
     let existing = {
         let store = SqliteStore::open(paths.store(), &keys.store_keys)
@@ -380,8 +374,7 @@ async fn recovers_from_cut_watches_and_410_gone() {
     let Some(server) = cluster.server.as_ref() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
     cluster
         .put_secret("mssql", &[("username", "sa"), ("password", "pw-1")])
@@ -414,8 +407,7 @@ async fn recovers_from_cut_watches_and_410_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_election_one_reconciles_and_the_other_takes_over() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let one = Operator::start(
         &cluster,
         &paths,
@@ -458,8 +450,7 @@ async fn leader_election_one_reconciles_and_the_other_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspended_connections_are_left_alone_until_resumed() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
     cluster
         .put_secret("mssql", &[("username", "sa"), ("password", "pw")])
@@ -495,8 +486,7 @@ async fn suspended_connections_are_left_alone_until_resumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_object_deleted_elsewhere_is_recreated_at_the_next_drift_check() {
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let settings = OperatorSettings {
         refresh: Duration::from_millis(300),
         ..Default::default()
@@ -542,8 +532,7 @@ async fn an_unreadable_connection_is_reported_and_the_rest_go_on() {
         eprintln!("skipped against a real cluster: it changes the AppConnection CRD");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
 
     // A newer CRD that allows a `format` this operator does not know.

@@ -30,7 +30,6 @@ const BACKEND: &str = "infisical";
 struct Env {
     cluster: Cluster,
     fake: FakeInfisical,
-    _dir: tempfile::TempDir,
     paths: Paths,
 }
 
@@ -45,13 +44,10 @@ impl Env {
                 &[("clientId", CLIENT_ID), ("clientSecret", CLIENT_SECRET)],
             )
             .await;
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(dir.path());
         Env {
             cluster,
             fake,
-            _dir: dir,
-            paths,
+            paths: Paths::temporary(),
         }
     }
 

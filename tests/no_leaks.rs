@@ -22,8 +22,7 @@ async fn no_secret_value_anywhere() {
     let logs = Capture::start();
 
     let cluster = Cluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
 
     cluster

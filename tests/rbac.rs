@@ -51,8 +51,7 @@ async fn rbac_grants_exactly_the_calls_the_operator_makes() {
     let Some(server) = cluster.server.as_ref() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path());
+    let paths = Paths::temporary();
     let settings = OperatorSettings {
         leader_elect: Some("solo".into()),
         keys_in_secret: true,

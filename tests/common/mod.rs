@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use appconn::controller::leader::LeaseConfig;
@@ -207,23 +208,24 @@ pub struct Operator {
     pub store_api: String,
 }
 
-/// Where an operator keeps its store and key file.
+/// Where an operator keeps its store and key file: a temporary directory, removed when the
+/// last clone is dropped.
 #[derive(Clone)]
 pub struct Paths {
-    pub dir: PathBuf,
+    dir: Arc<tempfile::TempDir>,
 }
 
 impl Paths {
-    pub fn new(dir: &Path) -> Paths {
+    pub fn temporary() -> Paths {
         Paths {
-            dir: dir.to_path_buf(),
+            dir: Arc::new(tempfile::tempdir().unwrap()),
         }
     }
     pub fn store(&self) -> PathBuf {
-        self.dir.join("appconn.db")
+        self.dir.path().join("appconn.db")
     }
     pub fn key_file(&self) -> PathBuf {
-        self.dir.join("appconn.key")
+        self.dir.path().join("appconn.key")
     }
 }
 
