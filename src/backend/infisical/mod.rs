@@ -144,6 +144,26 @@ impl InfisicalBackend {
         target.project.as_deref().or(self.project_id.as_deref())
     }
 
+    /// One connection read by `GET url`; 404 means there is none.
+    async fn read_connection(
+        &self,
+        op: &'static str,
+        url: Url,
+    ) -> Result<Option<Remote>, BackendError> {
+        match self
+            .client
+            .call(op, Method::GET, url, None, &Redactor::none())
+            .await
+        {
+            Ok(body) => mapping::remote(&body).map(Some),
+            Err(Failure::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(None),
+            Err(err) => Err(err.into()),
+        }
+    }
+
     fn connection_url(&self, target: &Target, id: &str) -> Url {
         self.client
             .url(&["api", "v1", "app-connections", &target.app, id], None)
@@ -233,19 +253,8 @@ impl Backend for InfisicalBackend {
     }
 
     async fn get(&self, id: &str, target: &Target) -> Result<Option<Remote>, BackendError> {
-        let url = self.connection_url(target, id);
-        match self
-            .client
-            .call("get", Method::GET, url, None, &Redactor::none())
+        self.read_connection("get", self.connection_url(target, id))
             .await
-        {
-            Ok(body) => mapping::remote(&body).map(Some),
-            Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => Ok(None),
-            Err(err) => Err(err.into()),
-        }
     }
 
     async fn find(&self, target: &Target) -> Result<Option<Remote>, BackendError> {
@@ -262,18 +271,7 @@ impl Backend for InfisicalBackend {
             ],
             query,
         );
-        match self
-            .client
-            .call("find", Method::GET, url, None, &Redactor::none())
-            .await
-        {
-            Ok(body) => mapping::remote(&body).map(Some),
-            Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => Ok(None),
-            Err(err) => Err(err.into()),
-        }
+        self.read_connection("find", url).await
     }
 
     async fn create(&self, desired: &Desired) -> Result<Remote, BackendError> {
