@@ -143,8 +143,10 @@ impl BackendKind {
 }
 
 /// One credential field: exactly one of `value` and `secretKeyRef`.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("has(self.value) != has(self.secretKeyRef)").message("each credential field needs exactly one source: value or secretKeyRef"))]
+// `value` has no `type` (it keeps its JSON type), so the API server hides it from CEL: "exactly
+// one" is a structural `oneOf` of `required` lists, which a real server accepts beside it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[schemars(extend("oneOf" = [{"required": ["value"]}, {"required": ["secretKeyRef"]}]))]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialSource {
     /// An inline, non-secret value; keeps its JSON type (string, number, boolean).
