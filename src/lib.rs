@@ -7,6 +7,7 @@ pub mod controller;
 pub mod crd;
 pub mod http;
 pub mod keys;
+pub mod kube_error;
 pub mod metrics;
 pub mod reconcile;
 pub mod secret;

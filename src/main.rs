@@ -1,6 +1,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use appconn::cli::{self, Format, StoreOptions, output};
 use appconn::controller::leader::LeaseConfig;
@@ -8,6 +9,8 @@ use appconn::controller::operator::{self, OperatorOptions};
 use appconn::controller::parse_duration;
 use appconn::telemetry::{self, LogFormat};
 use clap::{Parser, Subcommand};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 /// appconn: AppConnection resources turned into real connections.
 #[derive(Parser)]
@@ -46,9 +49,10 @@ struct RunArgs {
     /// Watch only these namespaces (comma-separated); all when empty.
     #[arg(long, env = "APPCONN_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
-    /// Namespace of the operator: its key Secret and leader Lease live there.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "appconn-system")]
-    operator_namespace: String,
+    /// Namespace of the operator: its key Secret and leader Lease live there. Default: the
+    /// ServiceAccount's namespace in a cluster, else the kubeconfig context's, else `default`.
+    #[arg(long, env = "POD_NAMESPACE")]
+    operator_namespace: Option<String>,
     /// Connections reconciled at once.
     #[arg(long, env = "APPCONN_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
@@ -151,7 +155,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Work still running (a request to an API that does not answer) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(message) => {
             eprintln!("error: {message}");
@@ -217,8 +224,35 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     }
 }
 
+/// How long `appconn run` may take to stop once told to: in-flight reconciles finish and the
+/// Lease is released within it; whatever still runs after it is abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 async fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
     telemetry::init(args.log_format);
+    // Installed before anything else, so a signal during start-up is never lost.
+    let shutdown = shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let stopping = shutdown.clone();
+    let overdue = async move {
+        stopping.await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = start_operator(args, shutdown) => result,
+        () = overdue => {
+            tracing::warn!(
+                grace_secs = SHUTDOWN_GRACE.as_secs(),
+                "not stopped within the grace period; exiting"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn start_operator(
+    args: RunArgs,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) -> Result<ExitCode, String> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -231,12 +265,19 @@ async fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
             format!("no Kubernetes configuration: set --kubeconfig or KUBECONFIG, or run in a cluster ({e})")
         })?,
     };
+    let operator_namespace = args
+        .operator_namespace
+        .clone()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| config.default_namespace.clone());
     let client =
         kube::Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))?;
-    let version = client
-        .apiserver_version()
-        .await
-        .map_err(|e| format!("cannot reach the Kubernetes API server: {e}"))?;
+    let version = client.apiserver_version().await.map_err(|e| {
+        format!(
+            "cannot reach the Kubernetes API server: {}",
+            appconn::kube_error::describe(&e)
+        )
+    })?;
     tracing::info!(server = %version.git_version, "connected to the Kubernetes API");
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -253,8 +294,8 @@ async fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
             .into_iter()
             .filter(|n| !n.is_empty())
             .collect(),
-        lease: LeaseConfig::new(&args.operator_namespace, &args.lease_name, identity),
-        operator_namespace: args.operator_namespace,
+        lease: LeaseConfig::new(&operator_namespace, &args.lease_name, identity),
+        operator_namespace,
         concurrency: args.concurrency.max(1),
         store: args.store,
         key_secret: args.key_secret,
@@ -264,27 +305,34 @@ async fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         leader_elect: args.leader_elect,
         default_refresh: args.refresh_interval,
     };
-    operator::run(client, opts, shutdown_signal())
+    operator::run(client, opts, shutdown)
         .await
         .map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// A future that resolves once SIGTERM or Ctrl-C arrives. The handlers are installed now, not
+/// when the future is first polled.
+fn shutdown_signal() -> std::io::Result<Shared<BoxFuture<'static, ()>>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        #[cfg(unix)]
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        let _ = tx.send(());
+    });
+    Ok(async move {
+        let _ = rx.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
+    .boxed()
+    .shared())
 }
 
 fn print_report(report: &cli::Report, format: Format) -> ExitCode {

@@ -1,15 +1,37 @@
-//! Runs deploy/argocd/health.lua, the file users paste into Argo CD's `argocd-cm`, on sample
-//! AppConnections and checks the health status and message Argo CD would show for each.
+//! Runs the health checks of deploy/argocd/, the files users paste into Argo CD's `argocd-cm`,
+//! on sample AppConnections and backends and checks the health status and message Argo CD
+//! would show for each.
 
 use mlua::serde::SerializeOptions;
 use mlua::{Lua, LuaOptions, LuaSerdeExt, StdLib, Table};
 
-const SCRIPT: &str = include_str!("../deploy/argocd/health.lua");
+const SCRIPT: &str = include_str!("../deploy/argocd/appconnection.lua");
+const BACKEND_SCRIPT: &str = include_str!("../deploy/argocd/connectionbackend.lua");
+
+/// The argocd-cm key of each kind and the script it holds.
+const KEYS: [(&str, &str); 3] = [
+    (
+        "resource.customizations.health.appconn.io_AppConnection",
+        SCRIPT,
+    ),
+    (
+        "resource.customizations.health.appconn.io_ConnectionBackend",
+        BACKEND_SCRIPT,
+    ),
+    (
+        "resource.customizations.health.appconn.io_ClusterConnectionBackend",
+        BACKEND_SCRIPT,
+    ),
+];
 
 /// Evaluates the health script the way Argo CD does: the object as the global `obj` (JSON null
 /// becomes nil), only the base and table libraries loaded, and the returned table read for
 /// `status` and `message`.
 fn health(object_yaml: &str) -> (String, String) {
+    run(SCRIPT, object_yaml)
+}
+
+fn run(script: &str, object_yaml: &str) -> (String, String) {
     let object: serde_json::Value =
         serde_yaml::from_str(object_yaml).expect("sample is valid YAML");
     let lua = Lua::new_with(StdLib::TABLE, LuaOptions::default()).expect("Lua starts");
@@ -21,10 +43,10 @@ fn health(object_yaml: &str) -> (String, String) {
         .expect("object converts to Lua");
     lua.globals().set("obj", obj).expect("obj is set");
     let result: Table = lua
-        .load(SCRIPT)
-        .set_name("health.lua")
+        .load(script)
+        .set_name("health check")
         .eval()
-        .expect("health.lua runs and returns a table");
+        .expect("the health check runs and returns a table");
     let status: String = result.get("status").expect("hs.status is a string");
     let message: String = result.get("message").expect("hs.message is a string");
     (status, message)
@@ -268,60 +290,120 @@ status:
 /// Argo CD evaluates health checks with gopher-lua, a Lua 5.1: the tests above run Lua 5.4, so
 /// this keeps the script off the syntax 5.1 lacks (integer division, bitwise operators, goto).
 #[test]
-fn script_sticks_to_lua_5_1_syntax() {
-    for (line_number, line) in SCRIPT.lines().enumerate() {
+fn scripts_stick_to_lua_5_1_syntax() {
+    for (line_number, line) in SCRIPT.lines().chain(BACKEND_SCRIPT.lines()).enumerate() {
         let code = line.split("--").next().unwrap_or_default();
         for token in ["//", "<<", ">>", "&", "|", "goto", "::"] {
             assert!(
                 !code.contains(token),
-                "health.lua:{}: `{token}` is not Lua 5.1: {line}",
+                "line {}: `{token}` is not Lua 5.1: {line}",
                 line_number + 1
             );
         }
         let without_not_equal = code.replace("~=", "");
         assert!(
             !without_not_equal.contains('~'),
-            "health.lua:{}: `~` (bitwise) is not Lua 5.1: {line}",
+            "line {}: `~` (bitwise) is not Lua 5.1: {line}",
             line_number + 1
         );
     }
 }
 
-/// The installation docs embed the script in an `argocd-cm` example; that copy must be the file.
-/// The docs live in docs/install.md or, once merged, in README.md: every one of them that
-/// carries the snippet is checked, and at least one must.
+/// The installation docs embed the scripts in an `argocd-cm` example; each copy must be its file,
+/// and the example must show all three kinds.
 #[test]
-fn documented_argocd_cm_snippet_is_the_script() {
-    const KEY: &str = "resource.customizations.health.appconn.io_AppConnection";
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut checked = 0;
-    for doc in ["README.md", "docs/install.md"] {
-        let Ok(text) = std::fs::read_to_string(root.join(doc)) else {
-            continue;
-        };
-        let Some(key_at) = text.find(&format!("  {KEY}: |")) else {
-            continue;
-        };
-        let block_start = text[..key_at]
-            .rfind("```yaml\n")
-            .expect("snippet in a yaml block")
-            + 8;
-        let block_end = key_at + text[key_at..].find("```").expect("yaml block is closed");
-        let config_map: serde_yaml::Value =
-            serde_yaml::from_str(&text[block_start..block_end]).expect("snippet is YAML");
-        assert_eq!(
-            config_map["metadata"]["name"].as_str(),
-            Some("argocd-cm"),
-            "{doc}"
-        );
-        let embedded = config_map["data"][KEY]
+fn documented_argocd_cm_snippet_is_the_scripts() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let first_key = KEYS[0].0;
+    let key_at = readme
+        .find(&format!("  {first_key}: |"))
+        .expect("the README shows the argocd-cm snippet");
+    let block_start = readme[..key_at]
+        .rfind("```yaml\n")
+        .expect("snippet in a yaml block")
+        + 8;
+    let block_end = key_at + readme[key_at..].find("```").expect("yaml block is closed");
+    let config_map: serde_yaml::Value =
+        serde_yaml::from_str(&readme[block_start..block_end]).expect("snippet is YAML");
+    assert_eq!(config_map["metadata"]["name"].as_str(), Some("argocd-cm"));
+    for (key, script) in KEYS {
+        let embedded = config_map["data"][key]
             .as_str()
-            .expect("script under the key");
-        assert_eq!(
-            embedded, SCRIPT,
-            "{doc}: the argocd-cm snippet differs from health.lua"
-        );
-        checked += 1;
+            .unwrap_or_else(|| panic!("no script under {key}"));
+        assert_eq!(embedded, script, "the README's {key} differs from its file");
     }
-    assert!(checked > 0, "no doc shows the argocd-cm snippet");
+    assert!(
+        !readme.contains("docs/install.md") && !SCRIPT.contains("docs/install.md"),
+        "points to a file that does not exist"
+    );
+}
+
+fn backend(status_yaml: &str) -> String {
+    format!(
+        "apiVersion: appconn.io/v1alpha1\nkind: ClusterConnectionBackend\n\
+         metadata: {{name: infisical-prod, generation: 2}}\nspec: {{builtin: {{}}}}\n{status_yaml}"
+    )
+}
+
+#[test]
+fn backends_progress_until_checked_at_their_generation() {
+    for status in ["", "status: null\n", "status: {type: infisical}\n"] {
+        assert_eq!(
+            run(BACKEND_SCRIPT, &backend(status)),
+            (
+                "Progressing".to_string(),
+                "Waiting for the operator to check this backend".to_string()
+            ),
+            "{status}"
+        );
+    }
+    let older = backend(
+        "status:\n  observedGeneration: 1\n  conditions:\n  - {type: Ready, status: \"True\", \
+         reason: Synced, message: fine, observedGeneration: 1}\n",
+    );
+    assert_eq!(
+        run(BACKEND_SCRIPT, &older),
+        (
+            "Progressing".to_string(),
+            "Waiting for the operator to check generation 2 (last checked: 1)".to_string()
+        )
+    );
+}
+
+#[test]
+fn backends_are_healthy_when_ready_and_degraded_with_the_reason_otherwise() {
+    let ready = backend(
+        "status:\n  observedGeneration: 2\n  conditions:\n  - {type: Ready, status: \"True\", \
+         reason: Synced, message: infisical accepted the credentials and is healthy, \
+         observedGeneration: 2}\n",
+    );
+    assert_eq!(
+        run(BACKEND_SCRIPT, &ready),
+        (
+            "Healthy".to_string(),
+            "infisical accepted the credentials and is healthy".to_string()
+        )
+    );
+    let refused = backend(
+        "status:\n  observedGeneration: 2\n  conditions:\n  - {type: Ready, status: \"False\", \
+         reason: BackendAuthFailed, message: 'authentication failed: Universal Auth login refused', \
+         observedGeneration: 2}\n",
+    );
+    assert_eq!(
+        run(BACKEND_SCRIPT, &refused),
+        (
+            "Degraded".to_string(),
+            "authentication failed: Universal Auth login refused".to_string()
+        )
+    );
+    let unexplained = backend(
+        "status:\n  observedGeneration: 2\n  conditions:\n  - {type: Ready, status: Unknown, \
+         reason: BackendUnavailable, observedGeneration: 2}\n",
+    );
+    assert_eq!(
+        run(BACKEND_SCRIPT, &unexplained),
+        ("Degraded".to_string(), "BackendUnavailable".to_string())
+    );
 }

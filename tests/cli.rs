@@ -129,6 +129,29 @@ fn quickstart_applies_then_noops_then_updates_one() {
     let get = appconn(dir.path(), &["get", "warehouse", "-n", "analytics"]);
     assert_eq!(get.status.code(), Some(0), "{}", text(&get));
     assert!(text(&get).contains("warehouse") && text(&get).contains("True"));
+    // A read did nothing: no ACTION column, no `action` field.
+    let header = String::from_utf8_lossy(&get.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        header.starts_with("NAMESPACE  NAME") && !header.contains("ACTION"),
+        "{header}"
+    );
+    for format in ["json", "yaml"] {
+        let out = appconn(dir.path(), &["get", "-o", format]);
+        let rows: Vec<serde_json::Value> = serde_yaml::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 3, "{format}");
+        assert!(
+            rows.iter().all(|r| r.get("action").is_none()),
+            "{format}: {rows:?}"
+        );
+        assert!(
+            rows.iter().all(|r| r["reason"] == "Synced"),
+            "{format}: {rows:?}"
+        );
+    }
 }
 
 #[test]

@@ -19,7 +19,9 @@ pub enum Format {
 pub struct Row {
     pub namespace: String,
     pub name: String,
-    /// What was done (or, in dry-run, would be): create, update, noop, delete, error, ...
+    /// What was done (or, in dry-run, would be): create, update, noop, delete, error, ...;
+    /// empty for a row read from the store (`appconn get`), which did nothing.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub action: String,
     pub ready: bool,
     pub reason: String,
@@ -93,7 +95,9 @@ pub fn render(rows: &[Row], format: Format) -> String {
 }
 
 fn table(rows: &[Row]) -> String {
-    let header = [
+    // Rows read from the store did nothing: no ACTION column then.
+    let acted = rows.iter().any(|r| !r.action.is_empty());
+    let header: Vec<&str> = [
         "NAMESPACE",
         "NAME",
         "ACTION",
@@ -103,14 +107,18 @@ fn table(rows: &[Row]) -> String {
         "ID",
         "HASH",
         "MESSAGE",
-    ];
+    ]
+    .into_iter()
+    .filter(|h| acted || *h != "ACTION")
+    .collect();
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for row in rows {
         let status = row.status.as_ref();
-        lines.push(vec![
-            row.namespace.clone(),
-            row.name.clone(),
-            row.action.clone(),
+        let mut line = vec![row.namespace.clone(), row.name.clone()];
+        if acted {
+            line.push(row.action.clone());
+        }
+        line.extend([
             if row.ready {
                 "True".into()
             } else {
@@ -129,6 +137,7 @@ fn table(rows: &[Row]) -> String {
                 .unwrap_or_else(|| "-".into()),
             row.message.clone(),
         ]);
+        lines.push(line);
     }
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {

@@ -38,6 +38,7 @@ use crate::crd::{
     BackendKind, BackendProvider, BackendSecretKeySelector, ClusterConnectionBackend,
     ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
 };
+use crate::kube_error::describe;
 use crate::metrics::Metrics;
 use crate::reconcile::{BackendLookupError, Reason, status};
 use crate::secret::SecretString;
@@ -107,9 +108,9 @@ pub(super) struct StatusContext {
 /// A check that could not finish (the API failed): retried with backoff.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Error {
-    #[error("reading {0}: {1}")]
+    #[error("reading {0}: {reason}", reason = describe(.1))]
     Read(String, #[source] kube::Error),
-    #[error("writing the status of {0}: {1}")]
+    #[error("writing the status of {0}: {reason}", reason = describe(.1))]
     Write(String, #[source] kube::Error),
 }
 
@@ -240,7 +241,7 @@ async fn drive<K: BackendResource>(
                     ctx.clients.remove(&key);
                 }
                 Err(e) => {
-                    warn!(error = %e, kind = K::KIND.as_str(), "backend status controller event")
+                    warn!(error = %crate::kube_error::describe_controller(&e), kind = K::KIND.as_str(), "backend status controller event")
                 }
                 Ok(_) => {}
             }
@@ -293,7 +294,7 @@ fn secret_refs(provider: &BackendProvider) -> Vec<&BackendSecretKeySelector> {
     refs
 }
 
-#[instrument(skip_all, fields(kind = K::KIND.as_str(), namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any()))]
+#[instrument(skip_all, fields(kind = K::KIND.as_str(), namespace = %obj.namespace().unwrap_or_default(), backend = %obj.name_any()))]
 async fn reconcile<K: BackendResource>(
     obj: Arc<DeserializeGuard<K>>,
     ctx: Arc<StatusContext>,
@@ -327,7 +328,7 @@ async fn reconcile<K: BackendResource>(
             c.status != ready_str(checked.ready) || c.reason != checked.reason.as_str()
         });
         if moved {
-            info!(ready = checked.ready, reason = %checked.reason, message = %checked.message, "backend checked");
+            info!(ready = checked.ready, reason = %checked.reason, detail = %checked.message, "backend checked");
             ctx.event(&backend, &checked).await;
         }
     }
@@ -349,7 +350,7 @@ fn error_policy<K: BackendResource>(
     error: &Error,
     ctx: Arc<StatusContext>,
 ) -> Action {
-    warn!(name = %obj.name_any(), error = %error, "backend check failed; retrying with backoff");
+    warn!(backend = %obj.name_any(), error = %error, "backend check failed; retrying with backoff");
     Action::requeue(ctx.backoff.next(&obj.uid().unwrap_or_default(), None))
 }
 
@@ -508,7 +509,7 @@ impl StatusContext {
             .publish(&event, &resource.object_ref(&()))
             .await
         {
-            warn!(error = %e, "cannot record an Event");
+            warn!(error = %describe(&e), "cannot record an Event");
         }
     }
 }

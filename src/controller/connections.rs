@@ -18,6 +18,7 @@ use super::backoff::{Backoff, jitter};
 use super::index::RefIndex;
 use super::kube_env::KubeEnv;
 use crate::crd::AppConnection;
+use crate::kube_error::describe;
 use crate::metrics::{Metrics, ReadinessLabels};
 use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue};
 
@@ -69,7 +70,7 @@ impl Context {
         let latest = api
             .get_opt(&cached.name_any())
             .await
-            .map_err(|e| EnvError(format!("reading {}: {e}", cached.name_any())))?;
+            .map_err(|e| EnvError(format!("reading {}: {}", cached.name_any(), describe(&e))))?;
         match &latest {
             Some(latest) => self.saw(latest),
             None => {
@@ -118,7 +119,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(total)
 }
 
-#[instrument(skip_all, fields(namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any()))]
+#[instrument(skip_all, fields(namespace = %obj.namespace().unwrap_or_default(), appconnection = %obj.name_any()))]
 pub async fn reconcile(
     obj: Arc<DeserializeGuard<AppConnection>>,
     ctx: Arc<Context>,
@@ -171,7 +172,7 @@ pub async fn reconcile(
     }
     // Condition messages name objects and fields, never values: safe to log.
     if outcome.action != "noop" {
-        info!(action = outcome.action, reason = %outcome.reason, message = %outcome.message, "reconciled");
+        info!(action = outcome.action, reason = %outcome.reason, detail = %outcome.message, "reconciled");
     }
     let result = if outcome.ready {
         if outcome.action == "noop" {
@@ -226,7 +227,7 @@ pub(super) async fn report_unreadable<K: Resource<DynamicType = ()>>(
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
-        warn!(error = %e, "cannot record an Event");
+        warn!(error = %describe(&e), "cannot record an Event");
     }
 }
 
@@ -247,7 +248,7 @@ pub fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    warn!(name = %obj.name_any(), error = %error, "reconcile failed; retrying with backoff");
+    warn!(appconnection = %obj.name_any(), error = %error, "reconcile failed; retrying with backoff");
     Action::requeue(ctx.backoff.next(&obj.uid().unwrap_or_default(), None))
 }
 

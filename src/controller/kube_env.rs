@@ -12,6 +12,7 @@ use serde_json::json;
 use super::Context;
 use crate::backend::Backend;
 use crate::crd::{AppConnection, AppConnectionStatus, CREATE_PENDING, FIELD_MANAGER, FINALIZER};
+use crate::kube_error::describe;
 use crate::reconcile::resolve::SecretData;
 use crate::reconcile::{BackendInfo, BackendLookupError, EnvError, Environment, Event, EventType};
 
@@ -60,7 +61,7 @@ pub(super) async fn read_secret_version(
     let secret = api
         .get_opt(name)
         .await
-        .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+        .map_err(|e| format!("reading Secret {namespace}/{name}: {}", describe(&e)))?;
     Ok(secret.map(|s| {
         let version = s.resource_version();
         let data = s
@@ -78,7 +79,7 @@ fn api(ctx: &Context, conn: &AppConnection) -> Api<AppConnection> {
 }
 
 fn env_error(what: &str, conn: &AppConnection, e: kube::Error) -> EnvError {
-    EnvError(format!("{what} {}: {e}", conn.name_any()))
+    EnvError(format!("{what} {}: {}", conn.name_any(), describe(&e)))
 }
 
 #[async_trait]
@@ -206,7 +207,7 @@ impl Environment for KubeEnv {
         let mut regarding = conn.object_ref(&());
         regarding.resource_version = None;
         if let Err(e) = self.ctx.recorder.publish(&event, &regarding).await {
-            tracing::warn!(error = %e, "cannot record an Event");
+            tracing::warn!(error = %describe(&e), "cannot record an Event");
         }
     }
 }

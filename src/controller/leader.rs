@@ -136,7 +136,7 @@ impl Election {
                 Ok(Err(err)) => tracing::warn!(
                     lease = %self.config.name,
                     identity = %self.config.identity,
-                    error = %err,
+                    error = %crate::kube_error::describe(&err),
                     "could not acquire or renew the lease"
                 ),
                 Err(_) => tracing::warn!(
@@ -182,7 +182,7 @@ impl Election {
                 Ok(Err(err)) => tracing::warn!(
                     lease = %self.config.name,
                     identity = %self.config.identity,
-                    error = %err,
+                    error = %crate::kube_error::describe(&err),
                     "could not release the lease; a successor waits for it to expire"
                 ),
                 Err(_) => tracing::warn!(

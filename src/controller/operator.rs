@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
@@ -18,6 +19,7 @@ use super::run::{ControllerConfig, run_controllers};
 use crate::backend::builtin::BuiltinBackend;
 use crate::http::{AdminState, Readiness};
 use crate::keys::{InstallationKeys, SECRET_KEY};
+use crate::kube_error::describe;
 use crate::metrics::Metrics;
 use crate::store::api::StoreApiState;
 use crate::store::{SqliteStore, StoreEngine};
@@ -49,6 +51,18 @@ pub enum OperatorError {
     Keys(String),
     #[error("{0}")]
     Store(String),
+    /// The operator namespace, where the key Secret and the Lease live, does not exist.
+    #[error(
+        "namespace {0:?} does not exist: create it, or pass --operator-namespace (POD_NAMESPACE) \
+         naming the namespace of the operator's key Secret and leader Lease"
+    )]
+    NoNamespace(String),
+    #[error("leader election Lease {name:?} in namespace {namespace:?}: {reason}")]
+    Lease {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
 }
 
 /// Runs until `shutdown` resolves.
@@ -58,6 +72,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), OperatorError> {
     let shutdown = shutdown.shared();
+    if opts.leader_elect {
+        check_lease_namespace(&client, &opts.lease).await?;
+    }
     let keys = match &opts.key_file {
         Some(path) => InstallationKeys::load_or_create_file(path)
             .map_err(|e| OperatorError::Keys(e.to_string()))?,
@@ -152,7 +169,7 @@ async fn keys_from_secret(
         if let Some(secret) = api
             .get_opt(name)
             .await
-            .map_err(|e| keys_error(e.to_string()))?
+            .map_err(|e| keys_error(describe(&e)))?
         {
             let data = secret.data.unwrap_or_default();
             let bytes = data
@@ -187,8 +204,50 @@ async fn keys_from_secret(
             }
             // Another replica created it first: read theirs.
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => return Err(keys_error(e.to_string())),
+            Err(e) if missing_namespace(&e) => {
+                return Err(OperatorError::NoNamespace(namespace.to_string()));
+            }
+            Err(e) => return Err(keys_error(describe(&e))),
         }
     }
     Err(keys_error("could not be read or created".into()))
+}
+
+/// Fails with a clear line when the Lease cannot live where it is configured: a missing
+/// namespace is otherwise only a warning repeated by the election every few seconds.
+async fn check_lease_namespace(client: &Client, lease: &LeaseConfig) -> Result<(), OperatorError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+    let failed = |e: kube::Error| OperatorError::Lease {
+        namespace: lease.namespace.clone(),
+        name: lease.name.clone(),
+        reason: describe(&e),
+    };
+    if api.get_opt(&lease.name).await.map_err(failed)?.is_some() {
+        return Ok(());
+    }
+    // A dry run of the create the election would make: refused when the namespace is missing.
+    let probe = Lease {
+        metadata: ObjectMeta {
+            name: Some(lease.name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    match api.create(&params, &probe).await {
+        Ok(_) => Ok(()),
+        // Created meanwhile by another replica.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) if missing_namespace(&e) => Err(OperatorError::NoNamespace(lease.namespace.clone())),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// A create refused because its namespace does not exist (404 naming a namespace).
+fn missing_namespace(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(s) if s.code == 404
+        && s.details.as_ref().is_some_and(|d| d.kind == "namespaces"))
 }

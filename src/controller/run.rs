@@ -24,6 +24,7 @@ use super::index::RefIndex;
 use crate::backend::Backend;
 use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
 use crate::keys::HashKey;
+use crate::kube_error::{describe, describe_controller, describe_watch};
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 
@@ -58,7 +59,7 @@ pub async fn wait_for_crds(client: &Client) {
                     logged = true;
                 }
             }
-            Err(e) => warn!(error = %e, "cannot list AppConnections yet; retrying"),
+            Err(e) => warn!(error = %describe(&e), "cannot list AppConnections yet; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -70,8 +71,11 @@ pub async fn run_controllers(
     config: ControllerConfig,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    wait_for_crds(&client).await;
     let shutdown = shutdown.shared();
+    tokio::select! {
+        () = wait_for_crds(&client) => {}
+        () = shutdown.clone() => return,
+    }
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
@@ -183,7 +187,7 @@ pub async fn run_controllers(
                 .run(connections::reconcile, connections::error_policy, ctx)
                 .for_each(|result| {
                     if let Err(e) = result {
-                        warn!(error = %e, "controller event");
+                        warn!(error = %describe_controller(&e), "controller event");
                     }
                     future::ready(())
                 })
@@ -205,6 +209,20 @@ pub async fn run_controllers(
         future::ready(())
     });
 
+    // kube-runtime holds a controller's runner until its cache has listed, even once shutdown
+    // began; a shutdown that cuts the initial list short would wait for ever. Such a controller
+    // has reconciled nothing yet, so it is simply dropped.
+    let unsynced = readers.clone();
+    let cut_short = shutdown.clone().then(move |()| async move {
+        if unsynced
+            .iter()
+            .all(|store| store.wait_until_ready().now_or_never().is_some())
+        {
+            future::pending::<()>().await;
+        }
+        info!("shutdown before the caches synced; stopping at once");
+    });
+
     let on_ready = config.on_ready.clone();
     let readiness = async move {
         for store in &readers {
@@ -219,12 +237,16 @@ pub async fn run_controllers(
         on_ready(true);
     };
 
+    // The controllers end on shutdown (after their in-flight reconciles); the caches, the
+    // router and the readiness report end with them. Readiness is never waited for: it does
+    // not come when shutdown cuts the initial list short.
     let caches = future::join_all(cache_tasks);
-    let work = future::join(future::join_all(controllers), readiness);
     tokio::select! {
-        _ = work => {}
+        _ = future::join_all(controllers) => {}
         _ = caches => {}
         _ = router => {}
+        () = cut_short => {}
+        () = readiness.then(|()| future::pending::<()>()) => {}
     }
     (config.on_ready)(false);
     info!("controllers stopped");
@@ -260,7 +282,7 @@ fn secret_watch(
                     }
                     let _ = backends.send((namespace, name));
                 }
-                Err(e) => warn!(error = %e, "Secret watch error; retrying"),
+                Err(e) => warn!(error = %describe_watch(&e), "Secret watch error; retrying"),
             }
             future::ready(())
         })
@@ -312,7 +334,7 @@ where
                     object.name_any(),
                 ));
             }
-            (Err(e), _) => warn!(error = %e, "cache watch error; retrying"),
+            (Err(e), _) => warn!(error = %describe_watch(&e), "cache watch error; retrying"),
             _ => {}
         }
         future::ready(())

@@ -26,11 +26,56 @@ pub const FIELD_MANAGER: &str = "appconn";
 
 /// Every CRD of the API group, in the order `appconn crds` prints them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![
+    [
         AppConnection::crd(),
         ConnectionBackend::crd(),
         ClusterConnectionBackend::crd(),
     ]
+    .into_iter()
+    .map(flowing_descriptions)
+    .collect()
+}
+
+/// Doc comments keep the hard line breaks of the source; `kubectl explain` prints them as
+/// they are, mid-sentence. Lines of a paragraph are joined; blank lines and list items stay.
+fn flowing_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, child) in map.iter_mut() {
+                    match child {
+                        serde_json::Value::String(text) if key == "description" => {
+                            *text = flow(text);
+                        }
+                        _ => walk(child),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD serializes");
+    walk(&mut value);
+    serde_json::from_value(value).expect("a CRD with its descriptions reflowed")
+}
+
+/// `text` with the lines of each paragraph joined by a space.
+fn flow(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            let mut out = String::new();
+            for line in paragraph.lines().map(str::trim) {
+                if !out.is_empty() {
+                    let item = line.starts_with("- ") || line.starts_with("* ");
+                    out.push(if item { '\n' } else { ' ' });
+                }
+                out.push_str(line);
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// The CRDs as one multi-document YAML stream: the content of `crds/` and `appconn crds`.
@@ -43,4 +88,26 @@ pub fn crds_yaml() -> Vec<(String, String)> {
             (format!("{name}.yaml"), yaml)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_flow_as_paragraphs() {
+        assert_eq!(
+            flow(
+                "Credential fields, each from an inline `value` (which keeps its JSON\ntype) or a Secret."
+            ),
+            "Credential fields, each from an inline `value` (which keeps its JSON type) or a Secret."
+        );
+        assert_eq!(flow("One.\nTwo.\n\nThree."), "One. Two.\n\nThree.");
+        assert_eq!(flow("Either:\n- a\n- b"), "Either:\n- a\n- b");
+        let yaml: String = crds_yaml().into_iter().map(|(_, y)| y).collect();
+        assert!(
+            yaml.contains("keeps its JSON type)"),
+            "descriptions still break mid-sentence"
+        );
+    }
 }

@@ -182,14 +182,29 @@ impl From<BackendError> for Failure {
     }
 }
 
-impl From<EnvError> for Failure {
+/// Why an apply stopped: a failure to report on the resource, or its environment failing,
+/// which ends the reconcile as an error (logged, retried with backoff) instead of passing for a
+/// backend problem.
+enum Stop {
+    Failed(Failure),
+    Env(EnvError),
+}
+
+impl From<Failure> for Stop {
+    fn from(failure: Failure) -> Self {
+        Stop::Failed(failure)
+    }
+}
+
+impl From<BackendError> for Stop {
+    fn from(e: BackendError) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
+impl From<EnvError> for Stop {
     fn from(e: EnvError) -> Self {
-        Failure {
-            reason: Reason::BackendUnavailable,
-            message: e.0,
-            transient: true,
-            retry_after: None,
-        }
+        Stop::Env(e)
     }
 }
 
@@ -327,9 +342,14 @@ impl Reconciler {
                     .await;
             }
         }
-        let applied = self
+        let applied = match self
             .apply(env, conn, backend.as_ref(), &desired, action)
-            .await;
+            .await
+        {
+            Ok(applied) => Ok(applied),
+            Err(Stop::Failed(failure)) => Err(failure),
+            Err(Stop::Env(e)) => return Err(e),
+        };
         {
             let mut refused = self.refused.lock().expect("refused lock");
             match &applied {
@@ -433,7 +453,7 @@ impl Reconciler {
         backend: &dyn Backend,
         desired: &Desired,
         action: Action,
-    ) -> Result<Applied, Failure> {
+    ) -> Result<Applied, Stop> {
         let name = &desired.target.connection_name;
         match action {
             Action::Create { find_first } => {
@@ -454,7 +474,7 @@ impl Reconciler {
                     && refused_as_taken(conn)
                     && backend.find(&desired.target).await?.is_some()
                 {
-                    return Err(name_taken(name));
+                    return Err(name_taken(name).into());
                 }
                 env.mark(conn, true).await?;
                 match backend.create(desired).await {
@@ -493,7 +513,7 @@ impl Reconciler {
                     }
                     Err(BackendError::AlreadyExists { .. }) => {
                         env.clear_pending(conn).await?;
-                        Err(name_taken(name))
+                        Err(name_taken(name).into())
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -552,7 +572,8 @@ impl Reconciler {
                 message: format!("internal: noop for {id} reached apply"),
                 transient: false,
                 retry_after: None,
-            }),
+            }
+            .into()),
         }
     }
 
@@ -562,7 +583,7 @@ impl Reconciler {
         conn: &AppConnection,
         backend: &dyn Backend,
         desired: &Desired,
-    ) -> Result<Applied, Failure> {
+    ) -> Result<Applied, Stop> {
         env.mark(conn, true).await?;
         let remote = backend.create(desired).await?;
         let note = format!(

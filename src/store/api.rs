@@ -261,7 +261,7 @@ impl Reviewer {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| {
-                tracing::warn!(error = %e, "TokenReview failed");
+                tracing::warn!(error = %crate::kube_error::describe(&e), "TokenReview failed");
                 ApiError::ReviewUnavailable
             })?;
         let status = answer.status.unwrap_or_default();
@@ -310,7 +310,7 @@ impl Reviewer {
                     .create(&PostParams::default(), &review)
                     .await
                     .map_err(|e| {
-                        tracing::warn!(error = %e, "SubjectAccessReview failed");
+                        tracing::warn!(error = %crate::kube_error::describe(&e), "SubjectAccessReview failed");
                         ApiError::ReviewUnavailable
                     })?;
                 let status = answer.status.unwrap_or_default();

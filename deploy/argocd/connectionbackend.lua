@@ -1,17 +1,15 @@
--- Argo CD health check for appconn.io/AppConnection.
+-- Argo CD health check for appconn.io/ConnectionBackend and appconn.io/ClusterConnectionBackend.
 --
--- Install it under the argocd-cm key `resource.customizations.health.appconn.io_AppConnection`
--- (see docs/install.md). Argo CD runs it with gopher-lua (Lua 5.1); tests/argocd_health.rs runs
+-- Install it under both argocd-cm keys `resource.customizations.health.appconn.io_ConnectionBackend`
+-- and `resource.customizations.health.appconn.io_ClusterConnectionBackend` (see README.md,
+-- "Install with Argo CD"). Argo CD runs it with gopher-lua (Lua 5.1); tests/argocd_health.rs runs
 -- this file on sample objects.
 --
---   Suspended    spec.suspend is true: the operator leaves the connection alone on purpose.
---   Progressing  the operator has not yet reconciled the current generation (no status, no
+--   Progressing  the operator has not yet checked the current generation (no status, no
 --                observedGeneration, an older one, or no Ready condition for it yet).
---   Healthy      Ready=True for the current generation.
---   Degraded     Ready=False or Unknown for the current generation, with the condition's message.
---
--- The generation check matters: right after a sync, status still describes the previous spec,
--- and a Ready=True left over from it must not turn the application green.
+--   Healthy      Ready=True: the backend accepted the operator's credentials and is healthy.
+--   Degraded     Ready=False or Unknown for the current generation, with the condition's message:
+--                every AppConnection using the backend waits for it (BackendNotReady).
 
 local hs = {}
 
@@ -43,22 +41,16 @@ if obj.metadata ~= nil then
 end
 local status = obj.status
 
-if obj.spec ~= nil and obj.spec.suspend == true then
-  hs.status = "Suspended"
-  hs.message = "Reconciliation is suspended (spec.suspend: true)"
-  return hs
-end
-
 if status == nil or status.observedGeneration == nil then
   hs.status = "Progressing"
-  hs.message = "Waiting for the operator to reconcile this AppConnection"
+  hs.message = "Waiting for the operator to check this backend"
   return hs
 end
 
 if generation ~= nil and status.observedGeneration < generation then
   hs.status = "Progressing"
-  hs.message = "Waiting for the operator to reconcile generation " .. tostring(generation) ..
-    " (last reconciled: " .. tostring(status.observedGeneration) .. ")"
+  hs.message = "Waiting for the operator to check generation " .. tostring(generation) ..
+    " (last checked: " .. tostring(status.observedGeneration) .. ")"
   return hs
 end
 
