@@ -608,3 +608,40 @@ async fn an_unreadable_connection_is_reported_and_the_rest_go_on() {
     assert_eq!(records(&paths).await.len(), 2);
     operator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_up_leaves_no_namespace_behind_even_with_finalizers_of_a_stopped_operator() {
+    let cluster = Cluster::start().await;
+    let paths = Paths::temporary();
+    let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
+    cluster
+        .put_secret("mssql", &[("username", "sa"), ("password", "pw")])
+        .await;
+    cluster.create_connection("left-over", mssql_spec()).await;
+    let conn = cluster.wait_for("left-over", WAIT, "Ready", ready).await;
+    assert!(conn.finalizers().iter().any(|f| f == FINALIZER));
+    // The operator goes first, as when a test ends: nothing will release its finalizer.
+    operator.stop().await;
+
+    cluster.cleanup().await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client.clone());
+    assert!(
+        namespaces
+            .get_opt(&cluster.namespace)
+            .await
+            .unwrap()
+            .is_none(),
+        "the test namespace is still there"
+    );
+    let all: Api<AppConnection> = Api::all(cluster.client.clone());
+    let left: Vec<String> = all
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(cluster.namespace.as_str()))
+        .map(|c| c.name_any())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

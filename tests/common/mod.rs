@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use appconn::controller::leader::LeaseConfig;
 use appconn::controller::operator::{self, OperatorOptions};
-use appconn::crd::AppConnection;
+use appconn::crd::{AppConnection, ConnectionBackend};
 use appconn_testkit::apiserver::TestApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -72,6 +72,12 @@ impl Cluster {
             config,
             namespace,
         }
+    }
+
+    /// Removes what the test left in its namespace and the namespace itself, as on a real
+    /// cluster every test must.
+    pub async fn cleanup(&self) {
+        cleanup_namespace(&self.client, &self.namespace).await;
     }
 
     pub fn connections(&self) -> Api<AppConnection> {
@@ -176,6 +182,82 @@ impl Cluster {
             assert!(Instant::now() < deadline, "no {reason} Event about {name}");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+}
+
+impl Drop for Cluster {
+    /// On a real cluster, nothing a test made may outlive it (a finalizer whose operator is gone
+    /// would keep its namespace terminating for ever). The test server goes with the test.
+    fn drop(&mut self) {
+        if self.server.is_some() {
+            return;
+        }
+        let config = self.config.clone();
+        let namespace = self.namespace.clone();
+        // Drop runs inside the test's runtime, which cannot be blocked on: clean up from a
+        // thread with a runtime and a client of its own.
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the clean-up");
+            runtime.block_on(async {
+                let client = Client::try_from(config).expect("client");
+                cleanup_namespace(&client, &namespace).await;
+            });
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("cleaning up namespace {} failed", self.namespace);
+        }
+    }
+}
+
+/// Drops the finalizers that no running operator will release in `namespace` (the backend
+/// objects are orphaned), deletes the namespace and waits until it is gone.
+async fn cleanup_namespace(client: &Client, namespace: &str) {
+    let strip = PatchParams::default();
+    let no_finalizers = Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
+    let connections: Api<AppConnection> = Api::namespaced(client.clone(), namespace);
+    for conn in connections
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+    {
+        if !conn
+            .metadata
+            .finalizers
+            .clone()
+            .unwrap_or_default()
+            .is_empty()
+        {
+            let name = conn.metadata.name.clone().unwrap_or_default();
+            let _ = connections.patch(&name, &strip, &no_finalizers).await;
+        }
+    }
+    let backends: Api<ConnectionBackend> = Api::namespaced(client.clone(), namespace);
+    for backend in backends.list(&ListParams::default()).await.unwrap().items {
+        if !backend
+            .metadata
+            .finalizers
+            .clone()
+            .unwrap_or_default()
+            .is_empty()
+        {
+            let name = backend.metadata.name.clone().unwrap_or_default();
+            let _ = backends.patch(&name, &strip, &no_finalizers).await;
+        }
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(namespace, &Default::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while namespaces.get_opt(namespace).await.ok().flatten().is_some() {
+        if Instant::now() > deadline {
+            eprintln!("namespace {namespace} still terminating after 60 s");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
