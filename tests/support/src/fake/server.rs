@@ -6,6 +6,7 @@
 //! Nothing here logs a request or response body: credentials travel in them.
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -160,7 +161,7 @@ pub(crate) trait Backend: Send + 'static {
 }
 
 /// Locks a fake's state; a test that panicked while holding it does not poison the others.
-pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -308,7 +309,8 @@ struct Inner {
     backend: Arc<Mutex<dyn Backend>>,
 }
 
-/// A running fake server on `127.0.0.1`. Stops when dropped.
+/// A running fake server on `127.0.0.1`: the knobs and the request record. Stops when
+/// dropped.
 pub struct Server {
     origin: String,
     inner: Arc<Inner>,
@@ -321,10 +323,39 @@ impl Drop for Server {
     }
 }
 
+/// A fake backend: its [`Server`], whose knobs and record it derefs to, and its state `B`,
+/// which only the fake's own methods reach.
+pub struct Fake<B> {
+    server: Server,
+    state: Arc<Mutex<B>>,
+}
+
+impl<B> Deref for Fake<B> {
+    type Target = Server;
+
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl<B> Fake<B> {
+    /// Serves `state` on a free port.
+    pub(crate) async fn serve(state: B) -> Self
+    where
+        B: Backend,
+    {
+        let state = Arc::new(Mutex::new(state));
+        let server = Server::start(state.clone()).await;
+        Self { server, state }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, B> {
+        lock(&self.state)
+    }
+}
+
 impl Server {
-    /// Serves `backend` on a free port; the backend is handed back for the fake's test helpers.
-    pub(crate) async fn start<B: Backend>(backend: B) -> (Self, Arc<Mutex<B>>) {
-        let backend = Arc::new(Mutex::new(backend));
+    async fn start(backend: Arc<Mutex<dyn Backend>>) -> Self {
         let inner = Arc::new(Inner {
             started: Instant::now(),
             knobs: Mutex::new(Knobs {
@@ -335,7 +366,7 @@ impl Server {
                 limiter: None,
                 requests: Vec::new(),
             }),
-            backend: backend.clone(),
+            backend,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -345,14 +376,12 @@ impl Server {
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("fake server");
         });
-        let server = Self {
+        Self {
             origin: format!("http://{addr}"),
             inner,
             task,
-        };
-        (server, backend)
+        }
     }
-
     /// Scheme, host and port, e.g. `http://127.0.0.1:41234`.
     pub fn origin(&self) -> String {
         self.origin.clone()

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::FakeState;
+use super::State;
 use super::routes::{error, ok, validation};
 use super::validate::required_string;
 use crate::fake::server::{Reply, Request};
@@ -17,7 +17,7 @@ pub(super) struct Identity {
     pub locked_until: Option<Instant>,
 }
 
-impl FakeState {
+impl State {
     pub(super) fn login(&mut self, body: &Value) -> Reply {
         let mut issues = Vec::new();
         let client_id = required_string(body, "clientId", &mut issues);

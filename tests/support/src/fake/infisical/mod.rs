@@ -25,15 +25,13 @@ mod tests;
 mod validate;
 
 use std::collections::BTreeMap;
-use std::ops::Deref;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use serde_json::{Map, Value};
 
+use super::server::Fake;
 pub use super::server::RecordedRequest;
-use super::server::{Server, lock};
 use super::tokens::Tokens;
 pub use apps::ROTATING;
 use apps::{app_def, method_def};
@@ -83,7 +81,8 @@ struct Connection {
     dependents: u32,
 }
 
-struct FakeState {
+/// The fake Infisical's state, reached through [`FakeInfisical`]'s methods.
+pub struct State {
     identities: BTreeMap<String, Identity>,
     tokens: Tokens,
     expires_in: u64,
@@ -99,24 +98,13 @@ struct FakeState {
 }
 
 /// A running fake Infisical on `127.0.0.1`. Stops when dropped. The shared knobs and the
-/// request record come from the [`Server`] it derefs to.
-pub struct FakeInfisical {
-    server: Server,
-    state: Arc<Mutex<FakeState>>,
-}
-
-impl Deref for FakeInfisical {
-    type Target = Server;
-
-    fn deref(&self) -> &Server {
-        &self.server
-    }
-}
+/// request record come from the [`Server`](super::server::Server) it derefs to.
+pub type FakeInfisical = Fake<State>;
 
 impl FakeInfisical {
     /// Starts the server on a free port. Tokens last 7200 s (max TTL 30 days) by default.
     pub async fn start() -> Self {
-        let (server, state) = Server::start(FakeState {
+        Self::serve(State {
             identities: BTreeMap::new(),
             tokens: Tokens::default(),
             expires_in: 7200,
@@ -130,22 +118,17 @@ impl FakeInfisical {
             live_validation_error: None,
             echo_field: None,
         })
-        .await;
-        Self { server, state }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, FakeState> {
-        lock(&self.state)
+        .await
     }
 
     /// Base URL, e.g. `http://127.0.0.1:41234`.
     pub fn url(&self) -> String {
-        self.server.origin()
+        self.origin()
     }
 
     /// Registers a machine identity's Universal Auth credentials.
     pub fn add_identity(&self, client_id: &str, client_secret: &str) {
-        self.lock().identities.insert(
+        self.state().identities.insert(
             client_id.to_owned(),
             Identity {
                 secret: client_secret.to_owned(),
@@ -157,29 +140,29 @@ impl FakeInfisical {
 
     /// `expiresIn` and `accessTokenMaxTTL` of tokens issued from now on (0 = never).
     pub fn set_token_ttl(&self, expires_in: u64, max_ttl: u64) {
-        let mut state = self.lock();
+        let mut state = self.state();
         state.expires_in = expires_in;
         state.max_ttl = max_ttl;
     }
 
     /// Every token issued so far expires now: requests get 403 `TokenError`.
     pub fn expire_all_tokens(&self) {
-        self.lock().tokens.expire_all();
+        self.state().tokens.expire_all();
     }
 
     /// Every token issued so far is revoked: requests get 401.
     pub fn revoke_all_tokens(&self) {
-        self.lock().tokens.revoke_all();
+        self.state().tokens.revoke_all();
     }
 
     /// How long an identity stays locked after three refused logins (default five minutes).
     pub fn set_lockout_duration(&self, duration: Duration) {
-        self.lock().lockout_duration = duration;
+        self.state().lockout_duration = duration;
     }
 
     /// Whether the identity is locked now.
     pub fn is_locked(&self, client_id: &str) -> bool {
-        self.lock()
+        self.state()
             .identities
             .get(client_id)
             .and_then(|i| i.locked_until)
@@ -188,29 +171,29 @@ impl FakeInfisical {
 
     /// Whether `GET /api/v1/app-connections/options` exists (older servers: 404).
     pub fn set_options_route(&self, present: bool) {
-        self.lock().options_route = present;
+        self.state().options_route = present;
     }
 
     /// The identity loses its App Connection permissions: those routes answer 403
     /// `PermissionDenied` (a valid token, so a new login does not help).
     pub fn deny_permissions(&self, deny: bool) {
-        self.lock().deny_permissions = deny;
+        self.state().deny_permissions = deny;
     }
 
     /// Every write carrying credentials fails live validation with 400 and this message.
     pub fn fail_live_validation(&self, message: Option<&str>) {
-        self.lock().live_validation_error = message.map(str::to_owned);
+        self.state().live_validation_error = message.map(str::to_owned);
     }
 
     /// A careless server: live-validation messages end with the value of this credential
     /// field (to prove the client never lets such a value through).
     pub fn echo_credential_in_errors(&self, field: Option<&str>) {
-        self.lock().echo_field = field.map(str::to_owned);
+        self.state().echo_field = field.map(str::to_owned);
     }
 
     /// Something (a secret sync) now uses the connection: deleting it fails with 400.
     pub fn add_dependent(&self, id: &str) {
-        if let Some(conn) = self.lock().connections.iter_mut().find(|c| c.id == id) {
+        if let Some(conn) = self.state().connections.iter_mut().find(|c| c.id == id) {
             conn.dependents += 1;
         }
     }
@@ -218,7 +201,7 @@ impl FakeInfisical {
     /// The server rotates the connection's credentials itself, as its scheduler would: a new
     /// secret, a new hash, status `success`, the next rotation one interval later.
     pub fn rotate_now(&self, id: &str) -> bool {
-        let mut state = self.lock();
+        let mut state = self.state();
         let Some(conn) = state.connections.iter_mut().find(|c| c.id == id) else {
             return false;
         };
@@ -228,7 +211,7 @@ impl FakeInfisical {
 
     /// The server's rotation of this connection fails with `message`; the hash stays.
     pub fn fail_rotation(&self, id: &str, message: &str) -> bool {
-        let mut state = self.lock();
+        let mut state = self.state();
         let Some(conn) = state.connections.iter_mut().find(|c| c.id == id) else {
             return false;
         };
@@ -242,16 +225,12 @@ impl FakeInfisical {
 
     /// Login attempts so far.
     pub fn logins(&self) -> usize {
-        self.server
-            .requests()
-            .iter()
-            .filter(|r| r.is_login())
-            .count()
+        self.requests().iter().filter(|r| r.is_login()).count()
     }
 
     /// The stored object, SECRET fields included (what a test wants to check was written).
     pub fn stored(&self, id: &str) -> Option<Value> {
-        self.lock()
+        self.state()
             .connections
             .iter()
             .find(|c| c.id == id)
@@ -260,7 +239,7 @@ impl FakeInfisical {
 
     /// The stored object with this name in this project (None = org-level), secrets included.
     pub fn stored_by_name(&self, project_id: Option<&str>, name: &str) -> Option<Value> {
-        self.lock()
+        self.state()
             .connections
             .iter()
             .find(|c| c.name == name && c.project_id.as_deref() == project_id)
@@ -269,7 +248,7 @@ impl FakeInfisical {
 
     /// Every stored object, secrets included.
     pub fn stored_all(&self) -> Vec<Value> {
-        self.lock()
+        self.state()
             .connections
             .iter()
             .map(|c| view(c, true))
@@ -307,7 +286,7 @@ impl FakeInfisical {
             dependents: 0,
         };
         let id = conn.id.clone();
-        self.lock().connections.push(conn);
+        self.state().connections.push(conn);
         id
     }
 }

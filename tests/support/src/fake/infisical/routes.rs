@@ -6,7 +6,7 @@ use serde_json::{Map, Value, json};
 
 use super::apps::{APPS, AppDef, ROTATING, app_def, method_def};
 use super::validate::parse_write;
-use super::{Connection, FakeState, ORG_ID, Rotation};
+use super::{Connection, ORG_ID, Rotation, State};
 use crate::fake::server::{Backend, Injected, Reply, Request};
 
 pub(super) fn ok(body: Value) -> Reply {
@@ -55,7 +55,7 @@ enum Route {
     Rotate(&'static AppDef, String),
 }
 
-impl Backend for FakeState {
+impl Backend for State {
     fn respond(&mut self, request: &Request) -> Reply {
         let Some(route) = self.route(request) else {
             let (method, path) = (&request.method, &request.path);
@@ -109,7 +109,7 @@ impl Backend for FakeState {
     }
 }
 
-impl FakeState {
+impl State {
     fn route(&self, request: &Request) -> Option<Route> {
         let decoded = request.segments();
         let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
@@ -163,9 +163,9 @@ impl FakeState {
                     .collect();
                 ok(json!({"appConnections": list}))
             }
-            Route::Get(def, id) => match self.find(def, &id) {
-                Some(conn) => ok(json!({"appConnection": view(conn, false)})),
-                None => not_found(format!("Could not find App Connection with ID {id}")),
+            Route::Get(def, id) => match self.index(def, &id) {
+                Ok(index) => ok(json!({"appConnection": view(&self.connections[index], false)})),
+                Err(reply) => reply,
             },
             Route::GetByName(def, name) => {
                 let found = self.connections.iter().find(|c| {
@@ -179,12 +179,9 @@ impl FakeState {
             Route::Create(def) => self.create(def, body),
             Route::Update(def, id) => self.update(def, &id, body),
             Route::Delete(def, id) => {
-                let Some(index) = self
-                    .connections
-                    .iter()
-                    .position(|c| c.app == def.app && c.id == id)
-                else {
-                    return not_found(format!("Could not find App Connection with ID {id}"));
+                let index = match self.index(def, &id) {
+                    Ok(index) => index,
+                    Err(reply) => return reply,
                 };
                 let conn = &self.connections[index];
                 if conn.dependents > 0 {
@@ -198,12 +195,9 @@ impl FakeState {
                 ok(json!({"appConnection": view(&conn, false)}))
             }
             Route::Rotate(def, id) => {
-                let Some(conn) = self
-                    .connections
-                    .iter_mut()
-                    .find(|c| c.app == def.app && c.id == id)
-                else {
-                    return not_found(format!("Could not find App Connection with ID {id}"));
+                let conn = match self.index(def, &id) {
+                    Ok(index) => &mut self.connections[index],
+                    Err(reply) => return reply,
                 };
                 if !ROTATING.contains(&(conn.app, conn.method)) {
                     return bad_request(rotation_refused(def, conn.method));
@@ -216,10 +210,12 @@ impl FakeState {
         }
     }
 
-    fn find(&self, def: &AppDef, id: &str) -> Option<&Connection> {
+    /// Where the app's connection with this id is; 404 when there is none.
+    fn index(&self, def: &AppDef, id: &str) -> Result<usize, Reply> {
         self.connections
             .iter()
-            .find(|c| c.app == def.app && c.id == id)
+            .position(|c| c.app == def.app && c.id == id)
+            .ok_or_else(|| not_found(format!("Could not find App Connection with ID {id}")))
     }
 
     fn name_taken(&self, name: &str, project: Option<&str>, except: Option<&str>) -> bool {
@@ -295,12 +291,9 @@ impl FakeState {
     }
 
     fn update(&mut self, def: &'static AppDef, id: &str, body: &Value) -> Reply {
-        let Some(index) = self
-            .connections
-            .iter()
-            .position(|c| c.app == def.app && c.id == id)
-        else {
-            return not_found(format!("Could not find App Connection with ID {id}"));
+        let index = match self.index(def, id) {
+            Ok(index) => index,
+            Err(reply) => return reply,
         };
         let existing = self.connections[index].clone();
         let write = match parse_write(def, body, Some(&existing)) {

@@ -50,20 +50,7 @@ pub(super) fn parse_write(
         allowed.push("gatewayId");
     }
     let mut issues = Vec::new();
-    let unknown: Vec<&str> = object
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !allowed.contains(k))
-        .collect();
-    if !unknown.is_empty() {
-        let quoted: Vec<String> = unknown.iter().map(|k| format!("'{k}'")).collect();
-        issues.push(json!({
-            "code": "unrecognized_keys",
-            "keys": unknown,
-            "path": [],
-            "message": format!("Unrecognized key(s) in object: {}", quoted.join(", ")),
-        }));
-    }
+    unrecognized_keys(object, &[], |k| allowed.contains(&k), &mut issues);
 
     let name = match object.get("name") {
         None if creating => {
@@ -245,17 +232,32 @@ fn check_credentials(method: &MethodDef, given: &Map<String, Value>, issues: &mu
             }
         }
     }
-    let unknown: Vec<&str> = given
+    unrecognized_keys(
+        given,
+        &["credentials"],
+        |k| method.fields.iter().any(|f| f.name == k),
+        issues,
+    );
+}
+
+/// One issue naming every key of `object` that is not `known`.
+fn unrecognized_keys(
+    object: &Map<String, Value>,
+    path: &[&str],
+    known: impl Fn(&str) -> bool,
+    issues: &mut Vec<Value>,
+) {
+    let unknown: Vec<&str> = object
         .keys()
         .map(String::as_str)
-        .filter(|k| !method.fields.iter().any(|f| f.name == *k))
+        .filter(|k| !known(k))
         .collect();
     if !unknown.is_empty() {
         let quoted: Vec<String> = unknown.iter().map(|k| format!("'{k}'")).collect();
         issues.push(json!({
             "code": "unrecognized_keys",
             "keys": unknown,
-            "path": ["credentials"],
+            "path": path,
             "message": format!("Unrecognized key(s) in object: {}", quoted.join(", ")),
         }));
     }
