@@ -2,6 +2,7 @@
 //! shared server harness with knobs for latency, injected failures, 429 + `Retry-After`, rate
 //! limits and token expiry.
 
+pub mod credible;
 pub mod infisical;
 pub mod server;
 mod tokens;
