@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use appconn_testkit::fake::credible::{ErrorShape, FakeCredible};
 use appconn_testkit::fake::infisical::FakeInfisical;
+use appconn_testkit::fake::matillion::{AUDIENCE, FakeMatillion};
 use appconn_testkit::fake::server::{RateLimit, Spread};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder};
@@ -919,4 +920,572 @@ async fn infisical_answers_as_before_through_the_harness() {
     assert_eq!(fake.count("POST", "/api/v1/app-connections/"), 1);
     let renews = fake.requests().iter().filter(|r| r.is_renew()).count();
     assert_eq!(renews, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matillion DPC
+
+const PROJECT_ID: &str = "2f6d9a4e-8b1c-4d3e-9f5a-1b2c3d4e5f60";
+const CLIENT_ID: &str = "dpc-client";
+const CLIENT_SECRET: &str = "dpc-secret";
+const CONNECTIONS: &str = "/v1/projects/2f6d9a4e-8b1c-4d3e-9f5a-1b2c3d4e5f60/connections";
+
+/// A form-encoded token request.
+async fn token_request(fake: &FakeMatillion, pairs: &[(&str, &str)]) -> Answer {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    send(
+        http()
+            .post(fake.token_url())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body),
+    )
+    .await
+}
+
+fn credentials<'a>(secret: &'a str, audience: &'a str) -> [(&'a str, &'a str); 4] {
+    [
+        ("grant_type", "client_credentials"),
+        ("client_id", CLIENT_ID),
+        ("client_secret", secret),
+        ("audience", audience),
+    ]
+}
+
+async fn access_token(fake: &FakeMatillion) -> String {
+    let answer = token_request(fake, &credentials(CLIENT_SECRET, AUDIENCE)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    answer.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A fake with one client and one project, and a token for it.
+async fn matillion() -> (FakeMatillion, String) {
+    let fake = FakeMatillion::start().await;
+    fake.add_client(CLIENT_ID, CLIENT_SECRET);
+    fake.add_project(PROJECT_ID);
+    let token = access_token(&fake).await;
+    (fake, token)
+}
+
+async fn mt(
+    fake: &FakeMatillion,
+    token: &str,
+    name: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Answer {
+    let mut request = http()
+        .request(method(name), format!("{}{path}", fake.url()))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    send(request).await
+}
+
+fn dwh(name: &str) -> Value {
+    json!({
+        "name": name,
+        "platformConnectionType": "DWH",
+        "authProvider": "SNOWFLAKE",
+        "authType": "GENERIC_SECRET",
+        "connectionDetails": {
+            "description": "warehouse",
+            "connectionProperties": {"secretName": "sf-secret", "secretKey": "password"},
+            "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"},
+        },
+    })
+}
+
+/// Asserts an RFC 7807 problem and returns its body.
+fn problem(answer: &Answer, status: u16) -> Value {
+    assert_eq!(answer.status, status, "{}", answer.text);
+    assert_eq!(
+        answer.headers.get(CONTENT_TYPE).unwrap(),
+        "application/problem+json"
+    );
+    let body = answer.json();
+    for key in [
+        "type",
+        "title",
+        "status",
+        "detail",
+        "instance",
+        "violations",
+    ] {
+        assert!(body.get(key).is_some(), "{key} in {body}");
+    }
+    assert_eq!(body["status"], status);
+    body
+}
+
+fn violation_fields(body: &Value) -> Vec<&str> {
+    body["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect()
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn matillion_token_endpoint_speaks_oauth() {
+    let fake = FakeMatillion::start().await;
+    fake.add_client(CLIENT_ID, CLIENT_SECRET);
+    assert!(fake.url().ends_with("/dpc"));
+    assert!(fake.token_url().ends_with("/oauth/dpc/token"));
+    let answer = token_request(&fake, &credentials(CLIENT_SECRET, AUDIENCE)).await;
+    assert_eq!(answer.status, 200);
+    let body = answer.json();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 1800);
+    assert!(!body["access_token"].as_str().unwrap().is_empty());
+
+    fake.set_token_lifetime(Duration::from_secs(60));
+    let body = token_request(&fake, &credentials(CLIENT_SECRET, AUDIENCE))
+        .await
+        .json();
+    assert_eq!(body["expires_in"], 60);
+    fake.omit_expires_in(true);
+    let body = token_request(&fake, &credentials(CLIENT_SECRET, AUDIENCE))
+        .await
+        .json();
+    assert!(body.get("expires_in").is_none(), "{body}");
+    assert!(body["access_token"].is_string());
+
+    let refused = [
+        (
+            credentials("wrong", AUDIENCE).to_vec(),
+            401,
+            "access_denied",
+        ),
+        (
+            credentials(CLIENT_SECRET, "https://elsewhere.example").to_vec(),
+            403,
+            "access_denied",
+        ),
+        (
+            credentials(CLIENT_SECRET, AUDIENCE)[..3].to_vec(),
+            403,
+            "access_denied",
+        ),
+        (
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", "nobody"),
+                ("client_secret", "x"),
+            ],
+            401,
+            "access_denied",
+        ),
+        (
+            credentials(CLIENT_SECRET, AUDIENCE)[1..].to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            vec![("grant_type", "password"), ("client_id", CLIENT_ID)],
+            403,
+            "unauthorized_client",
+        ),
+    ];
+    for (pairs, status, error) in &refused {
+        let answer = token_request(&fake, pairs).await;
+        assert_eq!(answer.status, *status, "{pairs:?}");
+        let body = answer.json();
+        assert_eq!(body["error"], *error, "{pairs:?}");
+        assert!(body["error_description"].is_string());
+    }
+    let as_json = send(http().post(fake.token_url()).json(&json!({
+        "grant_type": "client_credentials", "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET, "audience": AUDIENCE,
+    })))
+    .await;
+    assert_eq!(as_json.status, 400, "the body must be form-encoded");
+    assert_eq!(fake.token_requests(), 3 + refused.len() + 1);
+}
+
+#[tokio::test]
+async fn matillion_checks_the_bearer_token_on_every_route() {
+    let (fake, token) = matillion().await;
+    let url = format!("{}{CONNECTIONS}", fake.url());
+    let body = problem(&send(http().get(&url)).await, 401);
+    assert_eq!(body["title"], "Unauthorized");
+    assert_eq!(body["instance"], format!("/dpc{CONNECTIONS}"));
+    problem(&send(http().get(&url).bearer_auth("made-up")).await, 401);
+    assert_eq!(
+        mt(&fake, &token, "GET", CONNECTIONS, None).await.status,
+        200
+    );
+    problem(
+        &send(http().get(format!("{}/v1/nothing", fake.url()))).await,
+        401,
+    );
+    problem(&mt(&fake, &token, "GET", "/v1/nothing", None).await, 404);
+
+    fake.expire_all_tokens();
+    let body = problem(&mt(&fake, &token, "GET", CONNECTIONS, None).await, 401);
+    assert_eq!(body["detail"], "Access token expired");
+
+    fake.set_token_lifetime(Duration::from_millis(100));
+    let short = access_token(&fake).await;
+    assert_eq!(
+        mt(&fake, &short, "GET", CONNECTIONS, None).await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    problem(
+        &mt(&fake, &short, "POST", CONNECTIONS, Some(dwh("c"))).await,
+        401,
+    );
+    assert!(fake.stored_all(PROJECT_ID).is_empty());
+}
+
+#[tokio::test]
+async fn matillion_create_answers_the_connection_with_the_servers_fields() {
+    let (fake, token) = matillion().await;
+    let mut body = dwh("warehouse");
+    body["unknownField"] = json!("dropped");
+    let answer = mt(&fake, &token, "POST", CONNECTIONS, Some(body)).await;
+    assert_eq!(answer.status, 201);
+    let created = answer.json();
+    assert!(uuid::Uuid::parse_str(created["id"].as_str().unwrap()).is_ok());
+    assert_eq!(created["createdBy"], "dpc-client@clients");
+    assert_eq!(created["projectId"], PROJECT_ID);
+    assert!(
+        created["createdDate"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .is_ok()
+    );
+    assert_eq!(created["connectionDetails"], dwh("x")["connectionDetails"]);
+    assert!(created.get("unknownField").is_none());
+    assert_eq!(fake.stored(PROJECT_ID, "warehouse").unwrap(), created);
+
+    fake.set_create_status(200);
+    assert_eq!(
+        mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("second")))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn matillion_lists_filter_and_page() {
+    let (fake, token) = matillion().await;
+    for (i, name) in ["a", "b", "c", "d", "e", "f", "g"].iter().enumerate() {
+        let mut body = dwh(name);
+        if i % 2 == 1 {
+            body["authProvider"] = json!("DATABRICKS");
+        }
+        if i == 6 {
+            body["platformConnectionType"] = json!("CLOUD_PLATFORM_CREDENTIALS");
+        }
+        assert_eq!(
+            mt(&fake, &token, "POST", CONNECTIONS, Some(body))
+                .await
+                .status,
+            201
+        );
+    }
+    let list = |query: &'static str| {
+        let (fake, token) = (&fake, &token);
+        async move {
+            let answer = mt(fake, token, "GET", &format!("{CONNECTIONS}{query}"), None).await;
+            assert_eq!(answer.status, 200, "{query}: {}", answer.text);
+            answer.json()
+        }
+    };
+    let first = list("").await;
+    assert_eq!(
+        (&first["page"], &first["size"], &first["total"]),
+        (&json!(0), &json!(5), &json!(7))
+    );
+    assert_eq!(names(&first), ["a", "b", "c", "d", "e"]);
+    assert_eq!(names(&list("?page=1").await), ["f", "g"]);
+    assert_eq!(names(&list("?page=3&size=2").await), ["g"]);
+    assert!(names(&list("?page=9").await).is_empty());
+    let clamped = list("?size=50").await;
+    assert_eq!((names(&clamped).len(), &clamped["size"]), (5, &json!(5)));
+
+    assert_eq!(names(&list("?connectionNames=b,e").await), ["b", "e"]);
+    assert_eq!(
+        names(&list("?connectionNames=g&connectionNames=a").await),
+        ["a", "g"]
+    );
+    assert_eq!(
+        names(&list("?authProvider=DATABRICKS").await),
+        ["b", "d", "f"]
+    );
+    let cloud = list("?platformConnectionType=CLOUD_PLATFORM_CREDENTIALS").await;
+    assert_eq!((names(&cloud), &cloud["total"]), (vec!["g"], &json!(1)));
+    assert!(names(&list("?authProvider=SNOWFLAKE&connectionNames=b").await).is_empty());
+
+    fake.set_page_size(10);
+    assert_eq!(names(&list("").await).len(), 7);
+    for bad in ["?page=-1", "?size=0", "?size=many"] {
+        let answer = mt(&fake, &token, "GET", &format!("{CONNECTIONS}{bad}"), None).await;
+        problem(&answer, 400);
+    }
+}
+
+#[tokio::test]
+async fn matillion_put_replaces_the_whole_connection() {
+    let (fake, token) = matillion().await;
+    let created = mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("wh")))
+        .await
+        .json();
+    mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("other"))).await;
+    let put = format!("{CONNECTIONS}?connectionName=wh");
+    let replacement = json!({"platformConnectionType": "DWH", "authType": "CLOUD_PROVIDER_SECRET"});
+    let answer = mt(&fake, &token, "PUT", &put, Some(replacement)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let replaced = answer.json();
+    assert_eq!(replaced["authType"], "CLOUD_PROVIDER_SECRET");
+    assert!(
+        replaced.get("authProvider").is_none(),
+        "omitted fields are unset"
+    );
+    assert!(replaced.get("connectionDetails").is_none());
+    for kept in ["id", "name", "createdBy", "createdDate", "projectId"] {
+        assert_eq!(replaced[kept], created[kept], "{kept}");
+    }
+    assert_eq!(fake.stored(PROJECT_ID, "wh").unwrap(), replaced);
+
+    let body = problem(
+        &mt(&fake, &token, "PUT", &put, Some(json!({"name": "wh"}))).await,
+        400,
+    );
+    assert_eq!(
+        violation_fields(&body),
+        ["platformConnectionType", "authType"]
+    );
+    problem(
+        &mt(
+            &fake,
+            &token,
+            "PUT",
+            &format!("{CONNECTIONS}?connectionName=nope"),
+            Some(dwh("nope")),
+        )
+        .await,
+        404,
+    );
+    let body = problem(
+        &mt(&fake, &token, "PUT", CONNECTIONS, Some(dwh("wh"))).await,
+        400,
+    );
+    assert_eq!(violation_fields(&body), ["connectionName"]);
+
+    problem(
+        &mt(&fake, &token, "PUT", &put, Some(dwh("other"))).await,
+        409,
+    );
+    let renamed = mt(&fake, &token, "PUT", &put, Some(dwh("renamed"))).await;
+    assert_eq!(renamed.status, 200);
+    assert_eq!(renamed.json()["id"], created["id"]);
+    assert!(fake.stored(PROJECT_ID, "wh").is_none());
+    assert!(fake.stored(PROJECT_ID, "renamed").is_some());
+}
+
+#[tokio::test]
+async fn matillion_delete_by_name_and_no_get_one_route() {
+    let (fake, token) = matillion().await;
+    mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("gone"))).await;
+    problem(
+        &mt(&fake, &token, "GET", &format!("{CONNECTIONS}/gone"), None).await,
+        404,
+    );
+    problem(
+        &mt(&fake, &token, "PATCH", CONNECTIONS, Some(dwh("gone"))).await,
+        405,
+    );
+
+    let delete = format!("{CONNECTIONS}?connectionName=gone");
+    let answer = mt(&fake, &token, "DELETE", &delete, None).await;
+    assert_eq!((answer.status, answer.text.as_str()), (204, ""));
+    assert!(answer.headers.get(CONTENT_TYPE).is_none());
+    problem(&mt(&fake, &token, "DELETE", &delete, None).await, 404);
+    problem(&mt(&fake, &token, "DELETE", CONNECTIONS, None).await, 400);
+    assert!(fake.stored_all(PROJECT_ID).is_empty());
+}
+
+#[tokio::test]
+async fn matillion_validates_like_the_real_api() {
+    let (fake, token) = matillion().await;
+    let mut bad = dwh("bad");
+    bad["platformConnectionType"] = json!("WAREHOUSE");
+    bad["authType"] = json!("PASSWORD");
+    let body = problem(
+        &mt(&fake, &token, "POST", CONNECTIONS, Some(bad)).await,
+        400,
+    );
+    assert_eq!(
+        violation_fields(&body),
+        ["platformConnectionType", "authType"]
+    );
+    assert_eq!(body["detail"], "Validation failed");
+
+    let mut basic = dwh("basic");
+    basic["platformConnectionType"] = json!("COMPONENT_BASIC");
+    basic["connectionDetails"]["connectionProperties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("secretName");
+    let body = problem(
+        &mt(&fake, &token, "POST", CONNECTIONS, Some(basic.clone())).await,
+        400,
+    );
+    assert_eq!(
+        violation_fields(&body),
+        ["connectionDetails.connectionProperties.secretName"]
+    );
+    basic["connectionDetails"]["connectionProperties"]["secretName"] = json!("s");
+    assert_eq!(
+        mt(&fake, &token, "POST", CONNECTIONS, Some(basic))
+            .await
+            .status,
+        201
+    );
+
+    let mut nameless = dwh("x");
+    nameless.as_object_mut().unwrap().remove("name");
+    let body = problem(
+        &mt(&fake, &token, "POST", CONNECTIONS, Some(nameless)).await,
+        400,
+    );
+    assert_eq!(violation_fields(&body), ["name"]);
+    problem(
+        &mt(&fake, &token, "POST", CONNECTIONS, Some(json!([dwh("x")]))).await,
+        400,
+    );
+    let malformed = send(
+        http()
+            .post(format!("{}{CONNECTIONS}", fake.url()))
+            .bearer_auth(&token)
+            .header(CONTENT_TYPE, "application/json")
+            .body("{\"name\":"),
+    )
+    .await;
+    problem(&malformed, 400);
+
+    let body = problem(
+        &mt(
+            &fake,
+            &token,
+            "GET",
+            "/v1/projects/not-a-uuid/connections",
+            None,
+        )
+        .await,
+        400,
+    );
+    assert_eq!(violation_fields(&body), ["projectId"]);
+    let unknown = "/v1/projects/00000000-0000-4000-8000-000000000000/connections";
+    problem(
+        &mt(&fake, &token, "POST", unknown, Some(dwh("x"))).await,
+        404,
+    );
+    assert_eq!(fake.stored_all(PROJECT_ID).len(), 1);
+}
+
+#[tokio::test]
+async fn matillion_taken_names_are_409_or_400_by_the_knob() {
+    let (fake, token) = matillion().await;
+    mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("dup"))).await;
+    let body = problem(
+        &mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("dup"))).await,
+        409,
+    );
+    assert!(body["detail"].as_str().unwrap().contains("'dup'"));
+    fake.set_duplicate_status(400);
+    let body = problem(
+        &mt(&fake, &token, "POST", CONNECTIONS, Some(dwh("dup"))).await,
+        400,
+    );
+    assert_eq!(violation_fields(&body), ["name"]);
+    assert!(
+        body["violations"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'dup'")
+    );
+    assert_eq!(fake.stored_all(PROJECT_ID).len(), 1);
+}
+
+#[tokio::test]
+async fn matillion_helpers_change_things_behind_the_clients_back() {
+    let (fake, token) = matillion().await;
+    let id = fake.insert_connection(PROJECT_ID, dwh("theirs"));
+    let list = mt(&fake, &token, "GET", CONNECTIONS, None).await.json();
+    assert_eq!(list["results"][0]["id"], id.as_str());
+    assert_eq!(list["results"][0]["createdBy"], "someone-else@clients");
+
+    assert!(fake.edit_connection(
+        PROJECT_ID,
+        "theirs",
+        json!({"authProvider": null, "authType": "CLOUD_PROVIDER_SECRET"})
+    ));
+    let stored = fake.stored(PROJECT_ID, "theirs").unwrap();
+    assert!(stored.get("authProvider").is_none());
+    assert_eq!(stored["authType"], "CLOUD_PROVIDER_SECRET");
+    assert!(!fake.edit_connection(PROJECT_ID, "nope", json!({})));
+
+    assert!(fake.delete_connection(PROJECT_ID, "theirs"));
+    assert!(!fake.delete_connection(PROJECT_ID, "theirs"));
+    let list = mt(&fake, &token, "GET", CONNECTIONS, None).await.json();
+    assert_eq!(list["total"], 0);
+}
+
+#[tokio::test]
+async fn matillion_injected_errors_take_its_shapes() {
+    let (fake, token) = matillion().await;
+    fake.set_latency(Duration::from_millis(100));
+    fake.fail_next(2, 503);
+    let start = Instant::now();
+    let body = problem(&mt(&fake, &token, "GET", CONNECTIONS, None).await, 503);
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert_eq!(body["title"], "Service Unavailable");
+    let answer = token_request(&fake, &credentials(CLIENT_SECRET, AUDIENCE)).await;
+    assert_eq!(
+        (answer.status, answer.json()["error"].as_str()),
+        (503, Some("server_error"))
+    );
+    fake.set_latency(Duration::ZERO);
+
+    fake.rate_limit_storm(1.0, Duration::from_secs(5), 4);
+    let answer = mt(&fake, &token, "GET", CONNECTIONS, None).await;
+    assert_eq!(answer.retry_after(), Some("4"));
+    problem(&answer, 429);
+    let answer = token_request(&fake, &credentials(CLIENT_SECRET, AUDIENCE)).await;
+    assert_eq!(
+        (
+            answer.status,
+            answer.retry_after(),
+            answer.json()["error"].as_str()
+        ),
+        (429, Some("4"), Some("too_many_requests"))
+    );
+    fake.rate_limit_storm(0.0, Duration::ZERO, 1);
+
+    fake.set_rate_limit(Some(RateLimit::TokenBucket { rps: 1.0, burst: 5 }));
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let answer = mt(&fake, &token, "GET", CONNECTIONS, None).await;
+        statuses.push((answer.status, answer.retry_after().map(str::to_owned)));
+    }
+    assert_eq!(statuses[..5], vec![(200, None); 5][..]);
+    assert_eq!(statuses[5], (429, Some("1".to_owned())));
 }

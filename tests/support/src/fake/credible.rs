@@ -17,11 +17,10 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use serde_json::{Map, Value, json};
 
-use super::server::{Backend, Fake, Injected, Reply, Request};
+use super::server::{Backend, Fake, Injected, Reply, Request, reason};
 
 /// The connection types the server knows, with the dialect its `attributes` report.
 const TYPES: &[(&str, &str)] = &[
@@ -252,14 +251,6 @@ fn parse_body(request: &Request) -> Result<Value, String> {
         Ok(_) => Err("Unexpected token in JSON: only objects and arrays are accepted".into()),
         Err(err) => Err(format!("Unexpected token in JSON: {err}")),
     }
-}
-
-/// The reason phrase of a status, e.g. `Not Found`.
-fn reason(status: u16) -> &'static str {
-    StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error")
 }
 
 fn message(status: u16, text: String) -> Reply {

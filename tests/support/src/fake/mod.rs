@@ -4,5 +4,6 @@
 
 pub mod credible;
 pub mod infisical;
+pub mod matillion;
 pub mod server;
 mod tokens;

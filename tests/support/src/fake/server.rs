@@ -116,7 +116,7 @@ impl Request {
 pub(crate) struct Reply {
     pub status: u16,
     body: String,
-    content_type: &'static str,
+    content_type: Option<&'static str>,
     pub retry_after: Option<u64>,
 }
 
@@ -129,26 +129,46 @@ impl Reply {
         Self {
             status,
             body,
-            content_type,
+            content_type: Some(content_type),
+            retry_after: None,
+        }
+    }
+
+    /// No body, no `Content-Type` (a 204).
+    pub fn empty(status: u16) -> Self {
+        Self {
+            status,
+            body: String::new(),
+            content_type: None,
             retry_after: None,
         }
     }
 
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (
-            status,
-            [(CONTENT_TYPE, HeaderValue::from_static(self.content_type))],
-            self.body,
-        )
-            .into_response();
+        let mut response = (status, self.body).into_response();
+        let headers = response.headers_mut();
+        match self.content_type {
+            Some(content_type) => {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            }
+            None => {
+                headers.remove(CONTENT_TYPE);
+            }
+        }
         if let Some(seconds) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
+}
+
+/// The reason phrase of a status, e.g. `Not Found`.
+pub(crate) fn reason(status: u16) -> &'static str {
+    StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error")
 }
 
 /// A backend's own logic. The harness holds it behind one lock, so a request sees and leaves

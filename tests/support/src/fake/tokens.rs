@@ -10,6 +10,8 @@ pub(crate) struct Token {
     /// The end of the token's renewals, where the backend has renewals.
     pub max_until: Option<Instant>,
     pub revoked: bool,
+    /// Who the token was issued to.
+    pub subject: String,
 }
 
 impl Token {
@@ -19,12 +21,12 @@ impl Token {
 }
 
 /// What a request's bearer token is worth.
-pub(crate) enum Check {
+pub(crate) enum Check<'a> {
     Missing,
     Unknown,
     Revoked,
     Expired,
-    Valid,
+    Valid(&'a Token),
 }
 
 #[derive(Default)]
@@ -33,10 +35,11 @@ pub(crate) struct Tokens {
 }
 
 impl Tokens {
-    /// A new token `{prefix}.{random}.{random}`; `None` lifetimes never end.
+    /// A new token `{prefix}.{random}.{random}` for `subject`; `None` lifetimes never end.
     pub fn issue(
         &mut self,
         prefix: &str,
+        subject: &str,
         lifetime: Option<Duration>,
         max_ttl: Option<Duration>,
     ) -> String {
@@ -53,13 +56,14 @@ impl Tokens {
                 expires_at: lifetime.map(|l| now + l),
                 max_until: max_ttl.map(|m| now + m),
                 revoked: false,
+                subject: subject.to_owned(),
             },
         );
         token
     }
 
     /// Revocation is checked before expiry.
-    pub fn check(&self, bearer: Option<&str>) -> Check {
+    pub fn check(&self, bearer: Option<&str>) -> Check<'_> {
         let Some(bearer) = bearer else {
             return Check::Missing;
         };
@@ -67,7 +71,7 @@ impl Tokens {
             None => Check::Unknown,
             Some(token) if token.revoked => Check::Revoked,
             Some(token) if token.expired(Instant::now()) => Check::Expired,
-            Some(_) => Check::Valid,
+            Some(token) => Check::Valid(token),
         }
     }
 

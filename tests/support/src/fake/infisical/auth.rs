@@ -64,6 +64,7 @@ impl State {
         let (expires_in, max_ttl) = (self.expires_in, self.max_ttl);
         let token = self.tokens.issue(
             "fake-jwt",
+            &client_id,
             (expires_in > 0).then(|| Duration::from_secs(expires_in)),
             (max_ttl > 0).then(|| Duration::from_secs(max_ttl)),
         );
@@ -133,7 +134,7 @@ impl State {
                 "TokenError",
                 "Your token has expired. Please re-authenticate.",
             )),
-            Check::Valid => Ok(()),
+            Check::Valid(_) => Ok(()),
         }
     }
 }
