@@ -13,6 +13,12 @@
 //! is set; 403 on writes while the config is frozen; errors as `{"code","message"}`, or the
 //! spec's other two shapes by a knob. Express answers unknown routes with an HTML 404.
 //!
+//! Where the contract is silent: a create whose BODY name is taken answers like one whose path
+//! name is; PATCH merges every top-level field, `name` included, under the path name; a
+//! `resource` left out is set to the connection's path; an unknown `type` and a path name
+//! outside `^[A-Za-z0-9_-]+$` are 400s; the token check comes before anything else, and the
+//! test endpoint answers while the config is frozen.
+//!
 //! Nothing here logs a request or response body: credentials travel in them.
 
 use std::collections::BTreeMap;

@@ -3,6 +3,10 @@
 //! rate limiter) before the backend's own logic sees a request, so no fake re-implements them.
 //! An injected error takes the backend's own error shape: the harness only picks the status.
 //!
+//! The knobs judge a request when it arrives, in this order: the rate limiter (a gateway in
+//! front), then fail-next, the error rate and the storm; the latency then delays every answer,
+//! injected or not. They apply to every path of the server, a token endpoint included.
+//!
 //! Nothing here logs a request or response body: credentials travel in them.
 
 use std::net::SocketAddr;
