@@ -2211,3 +2211,36 @@ async fn the_repository_crds_install_with_every_rule_compiled() {
         );
     }
 }
+
+#[tokio::test]
+async fn resource_roots_expose_type_meta_and_name_only() {
+    let (_server, client) = started().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let root = |rule: &str| {
+        json!({
+            "type": "object",
+            "properties": {"metadata": {"type": "object"}, "spec": {"type": "object"}},
+            "x-kubernetes-validations": [{"rule": rule}],
+        })
+    };
+    let labels = api_error(
+        crds.create(
+            &PostParams::default(),
+            &crd_with_schema("roots", "Root", root("has(self.metadata.labels)")),
+        )
+        .await,
+    );
+    let found = causes(&labels);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].1,
+        "spec.versions[0].schema.openAPIV3Schema.x-kubernetes-validations[0].rule"
+    );
+    assert!(
+        found[0].2.contains("undefined field 'labels'"),
+        "{}",
+        found[0].2
+    );
+    let rule = "self.metadata.name.size() < 64 && self.kind == 'Root' && has(self.apiVersion)";
+    install(&client, &crd_with_schema("roots", "Root", root(rule))).await;
+}

@@ -92,6 +92,31 @@ impl Ty {
         }
     }
 
+    /// The type of property `name` (unescaped) of an object type, as the server hands a
+    /// child node its type from its parent's.
+    pub(crate) fn property(&self, name: &str) -> Option<Ty> {
+        match self {
+            Ty::Object(o) => o.fields.get(&escape(name)?).cloned(),
+            _ => None,
+        }
+    }
+
+    /// The item type of a list type.
+    pub(crate) fn items(&self) -> Option<Ty> {
+        match self {
+            Ty::List(e) => Some(e.as_ref().clone()),
+            _ => None,
+        }
+    }
+
+    /// The value type of a map type.
+    pub(crate) fn values(&self) -> Option<Ty> {
+        match self {
+            Ty::Map(_, v) => Some(v.as_ref().clone()),
+            _ => None,
+        }
+    }
+
     /// True where the type is known and is not `bool`: such a rule "must evaluate to a bool".
     pub(crate) fn known_non_bool(&self) -> bool {
         !matches!(self, Ty::Unknown | Ty::Bool)

@@ -631,8 +631,7 @@ pub(crate) fn structural_errors(schema: &Value, base: &str) -> Vec<Cause> {
         &compiled,
         schema,
         base,
-        true,
-        RuleScope::Outside,
+        (true, RuleScope::Outside, None),
         &mut causes,
     );
     causes
@@ -735,13 +734,13 @@ const NO_CEL_TYPE: &str = "Internal error: internal error: failed to construct t
 
 /// Refuses rules as CRD validation does: on a node with no CEL type, any rule; otherwise one
 /// that does not parse, does not type-check against the node's CEL type, or is not a bool,
-/// and a `messageExpression` that does not type-check.
+/// and a `messageExpression` that does not type-check. A node in rule scope takes its type from
+/// its parent's (`inherited`) where that has it, else from its own schema, as the server does.
 fn collect_compile_errors(
     compiled: &CompiledSchema,
     schema: &Value,
     path: &str,
-    root: bool,
-    scope: RuleScope,
+    (root, scope, inherited): (bool, RuleScope, Option<Ty>),
     causes: &mut Vec<Cause>,
 ) {
     let rules = schema
@@ -756,7 +755,7 @@ fn collect_compile_errors(
             .get("x-kubernetes-embedded-resource")
             .and_then(Value::as_bool)
             == Some(true);
-        decl_type(schema, root || embedded, &self_type_name())
+        inherited.or_else(|| decl_type(schema, root || embedded, &self_type_name()))
     };
     let child_scope = match (scope, rules, &self_ty) {
         (RuleScope::Outside, None, _) => RuleScope::Outside,
@@ -812,19 +811,22 @@ fn collect_compile_errors(
             k.replace('~', "~0").replace('/', "~1")
         )) {
             let at = format!("{path}.properties[{k}]");
-            collect_compile_errors(child, s, &at, false, child_scope, causes);
+            let inherited = self_ty.as_ref().and_then(|t| t.property(k));
+            collect_compile_errors(child, s, &at, (false, child_scope, inherited), causes);
         }
     }
     if let (Some(child), Some(s)) = (&compiled.items, schema.get("items")) {
         let at = format!("{path}.items");
-        collect_compile_errors(child, s, &at, false, child_scope, causes);
+        let inherited = self_ty.as_ref().and_then(Ty::items);
+        collect_compile_errors(child, s, &at, (false, child_scope, inherited), causes);
     }
     if let (Some(child), Some(s)) = (
         &compiled.additional_properties,
         schema.get("additionalProperties"),
     ) {
         let at = format!("{path}.additionalProperties");
-        collect_compile_errors(child, s, &at, false, child_scope, causes);
+        let inherited = self_ty.as_ref().and_then(Ty::values);
+        collect_compile_errors(child, s, &at, (false, child_scope, inherited), causes);
     }
 }
 
