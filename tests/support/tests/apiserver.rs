@@ -1737,3 +1737,510 @@ async fn kube_runtime_finalizer_helper_round_trip() {
     assert_eq!(cleanups.load(Ordering::SeqCst), 1);
     handle.abort();
 }
+
+/// A namespaced `test.appconn.io/v1` CRD with one version and the given schema.
+fn crd_with_schema(plural: &str, kind: &str, schema: Value) -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.test.appconn.io")},
+        "spec": {
+            "group": "test.appconn.io",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "kind": kind},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": schema},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+/// A schema whose `spec` has the given properties and rules.
+fn spec_schema(properties: Value, rules: Value) -> Value {
+    json!({"type": "object", "properties": {"spec": {
+        "type": "object",
+        "properties": properties,
+        "x-kubernetes-validations": rules,
+    }}})
+}
+
+/// `spec.credentials`: a map of sources, each an untyped `value` or a typed `secretKeyRef`,
+/// the entries further constrained by `entry` (rules or junctors).
+fn credentials_crd(entry: Value) -> CustomResourceDefinition {
+    let mut source = json!({
+        "type": "object",
+        "properties": {
+            "value": {"x-kubernetes-preserve-unknown-fields": true},
+            "secretKeyRef": {"type": "object", "properties": {
+                "name": {"type": "string"},
+                "key": {"type": "string"},
+            }},
+        },
+    });
+    for (k, v) in entry.as_object().unwrap() {
+        source[k] = v.clone();
+    }
+    let schema = json!({"type": "object", "properties": {"spec": {
+        "type": "object",
+        "properties": {"credentials": {"type": "object", "additionalProperties": source}},
+    }}});
+    crd_with_schema("credentials", "Credential", schema)
+}
+
+const SOURCE_RULE_PATH: &str = "spec.versions[0].schema.openAPIV3Schema.properties[spec]\
+     .properties[credentials].additionalProperties.x-kubernetes-validations[0].rule";
+
+/// (reason, field, message) of each cause a failure carried.
+fn causes(status: &Status) -> Vec<(String, String, String)> {
+    status
+        .details
+        .as_ref()
+        .map(|d| {
+            d.causes
+                .iter()
+                .map(|c| (c.reason.clone(), c.field.clone(), c.message.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Installs a CRD; its objects are created through the returned API with [`create_spec`].
+async fn install(
+    client: &Client,
+    crd: &CustomResourceDefinition,
+) -> (Api<DynamicObject>, ApiResource) {
+    install_crd(client, &serde_yaml::to_string(crd).unwrap()).await;
+    let gvk = GroupVersionKind::gvk("test.appconn.io", "v1", &crd.spec.names.kind);
+    let ar = ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
+    (Api::default_namespaced_with(client.clone(), &ar), ar)
+}
+
+/// Creates an object with the given spec and returns the spec the server stored.
+async fn create_spec(
+    (api, ar): &(Api<DynamicObject>, ApiResource),
+    name: &str,
+    spec: Value,
+) -> kube::Result<Value> {
+    let obj = DynamicObject::new(name, ar).data(json!({"spec": spec}));
+    let created = api.create(&PostParams::default(), &obj).await?;
+    Ok(created.data["spec"].clone())
+}
+
+fn untyped_rule() -> Value {
+    json!({"x-kubernetes-validations": [{
+        "rule": "has(self.value) != has(self.secretKeyRef)",
+        "message": "exactly one of value and secretKeyRef",
+    }]})
+}
+
+fn one_of_required() -> Value {
+    json!({"oneOf": [{"required": ["value"]}, {"required": ["secretKeyRef"]}]})
+}
+
+#[tokio::test]
+async fn crd_rules_naming_untyped_properties_do_not_compile() {
+    let (_server, client) = started().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let refused = api_error(
+        crds.create(&PostParams::default(), &credentials_crd(untyped_rule()))
+            .await,
+    );
+    assert_eq!((refused.code, refused.reason.as_str()), (422, "Invalid"));
+    let expected = (
+        "FieldValueInvalid".to_string(),
+        SOURCE_RULE_PATH.to_string(),
+        "Invalid value: apiextensions.ValidationRule{Rule:\"has(self.value) != \
+         has(self.secretKeyRef)\", Message:\"exactly one of value and secretKeyRef\", \
+         MessageExpression:\"\", Reason:(*apiextensions.FieldValueErrorReason)(nil), \
+         FieldPath:\"\", OptionalOldSelf:(*bool)(nil)}: compilation failed: ERROR: \
+         <input>:1:4: undefined field 'value'\n | has(self.value) != \
+         has(self.secretKeyRef)\n | ...^"
+            .to_string(),
+    );
+    assert_eq!(causes(&refused), vec![expected.clone()]);
+    assert!(
+        crds.get_opt("credentials.test.appconn.io")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Unparsable rules stay refused; a messageExpression is checked like its rule; a rule on a
+    // node with no CEL type cannot be compiled at all.
+    let refused_with = |entry: Value| {
+        let crds = crds.clone();
+        async move {
+            let status = api_error(
+                crds.create(&PostParams::default(), &credentials_crd(entry))
+                    .await,
+            );
+            assert_eq!(status.code, 422);
+            causes(&status)
+        }
+    };
+    let unparsable =
+        refused_with(json!({"x-kubernetes-validations": [{"rule": "has(self.secretKeyRef) &&"}]}))
+            .await;
+    assert_eq!(unparsable.len(), 1, "{unparsable:?}");
+    assert_eq!(unparsable[0].1, SOURCE_RULE_PATH);
+    assert!(
+        unparsable[0]
+            .2
+            .contains("compilation failed: ERROR: <input>:1:"),
+        "{}",
+        unparsable[0].2
+    );
+    let message = refused_with(json!({"x-kubernetes-validations": [{
+        "rule": "has(self.secretKeyRef)",
+        "messageExpression": "'missing ' + self.value",
+    }]}))
+    .await;
+    assert_eq!(
+        message.iter().map(|c| c.1.as_str()).collect::<Vec<_>>(),
+        vec![SOURCE_RULE_PATH.replace(".rule", ".messageExpression")]
+    );
+    assert!(
+        message[0].2.ends_with(
+            "messageExpression compilation failed: ERROR: <input>:1:18: undefined field \
+             'value'\n | 'missing ' + self.value\n | .................^"
+        ),
+        "{}",
+        message[0].2
+    );
+    let mut on_untyped = credentials_crd(json!({}));
+    let mut schema = serde_json::to_value(&on_untyped.spec.versions[0].schema).unwrap();
+    schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["credentials"]["additionalProperties"]
+        ["properties"]["value"]["x-kubernetes-validations"] = json!([{"rule": "self == oldSelf"}]);
+    on_untyped.spec.versions[0].schema = serde_json::from_value(schema).unwrap();
+    let untyped = causes(&api_error(
+        crds.create(&PostParams::default(), &on_untyped).await,
+    ));
+    assert_eq!(
+        untyped,
+        vec![(
+            "InternalError".to_string(),
+            "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[credentials]\
+             .additionalProperties.properties[value].x-kubernetes-validations"
+                .to_string(),
+            "Internal error: internal error: failed to construct type information for \
+             x-kubernetes-validations rules: unable to convert structural schema to CEL \
+             declarations"
+                .to_string(),
+        )]
+    );
+
+    // The same rule is refused when an update brings it into an accepted CRD.
+    install(&client, &credentials_crd(one_of_required())).await;
+    let mut current = crds.get("credentials.test.appconn.io").await.unwrap();
+    current.spec = credentials_crd(untyped_rule()).spec;
+    let refused = api_error(
+        crds.replace(
+            "credentials.test.appconn.io",
+            &PostParams::default(),
+            &current,
+        )
+        .await,
+    );
+    assert_eq!(refused.code, 422);
+    assert_eq!(causes(&refused), vec![expected]);
+    let kept = crds.get("credentials.test.appconn.io").await.unwrap();
+    let kept = serde_json::to_value(&kept.spec.versions[0].schema).unwrap();
+    assert!(
+        kept.pointer(
+            "/openAPIV3Schema/properties/spec/properties/credentials/additionalProperties/oneOf"
+        )
+        .is_some(),
+        "the refused update changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn one_of_required_branches_pick_exactly_one_source() {
+    let (_server, client) = started().await;
+    let api = install(&client, &credentials_crd(one_of_required())).await;
+    let spec = create_spec(
+        &api,
+        "one-each",
+        json!({"credentials": {
+            "db": {"value": {"any": ["json", 1]}},
+            "api": {"secretKeyRef": {"name": "s", "key": "k"}},
+        }}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        spec["credentials"]["db"]["value"],
+        json!({"any": ["json", 1]})
+    );
+
+    let both = api_error(
+        create_spec(
+            &api,
+            "both",
+            json!({"credentials": {"db": {"value": "v", "secretKeyRef": {"name": "s"}}}}),
+        )
+        .await,
+    );
+    assert_eq!((both.code, both.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        causes(&both),
+        vec![(
+            "FieldValueInvalid".to_string(),
+            "<nil>".to_string(),
+            "Invalid value: \"\": \"spec.credentials.db\" must validate one and only one \
+             schema (oneOf). Found 2 valid alternatives"
+                .to_string(),
+        )]
+    );
+    assert!(
+        both.message.contains(
+            "<nil>: Invalid value: \"\": \"spec.credentials.db\" must validate one and only one schema (oneOf)"
+        ),
+        "{}",
+        both.message
+    );
+
+    let neither = api_error(create_spec(&api, "neither", json!({"credentials": {"db": {}}})).await);
+    assert_eq!(neither.code, 422);
+    assert_eq!(
+        causes(&neither),
+        vec![
+            (
+                "FieldValueInvalid".to_string(),
+                "<nil>".to_string(),
+                "Invalid value: \"\": \"spec.credentials.db\" must validate one and only one \
+                 schema (oneOf). Found none valid"
+                    .to_string(),
+            ),
+            (
+                "FieldValueRequired".to_string(),
+                "spec.credentials.db.value".to_string(),
+                "Required value".to_string(),
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn int_or_string_properties_are_visible_to_rules() {
+    let (_server, client) = started().await;
+    let schema = spec_schema(
+        json!({"port": {"x-kubernetes-int-or-string": true}, "name": {"type": "string"}}),
+        json!([{"rule": "has(self.port)", "message": "a port is required"}]),
+    );
+    let api = install(&client, &crd_with_schema("endpoints", "Endpoint", schema)).await;
+    assert_eq!(
+        create_spec(&api, "numbered", json!({"port": 8080}))
+            .await
+            .unwrap()["port"],
+        json!(8080)
+    );
+    assert_eq!(
+        create_spec(&api, "named", json!({"port": "http"}))
+            .await
+            .unwrap()["port"],
+        json!("http")
+    );
+    let missing = api_error(create_spec(&api, "missing", json!({"name": "x"})).await);
+    assert_eq!(missing.code, 422);
+    assert!(
+        missing.message.contains("a port is required"),
+        "{}",
+        missing.message
+    );
+}
+
+#[tokio::test]
+async fn reserved_and_special_property_names_are_escaped() {
+    let (_server, client) = started().await;
+    let properties = json!({
+        "ref": {"type": "object", "properties": {
+            "namespace": {"type": "string"},
+            "name": {"type": "string"},
+        }},
+        "max-size": {"type": "integer"},
+    });
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let unescaped = spec_schema(
+        properties.clone(),
+        json!([{"rule": "!has(self.ref) || has(self.ref.namespace)"}]),
+    );
+    let refused = api_error(
+        crds.create(
+            &PostParams::default(),
+            &crd_with_schema("refs", "Ref", unescaped),
+        )
+        .await,
+    );
+    assert_eq!(refused.code, 422);
+    let found = causes(&refused);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].1,
+        "spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule"
+    );
+    assert!(
+        found[0].2.ends_with(
+            "compilation failed: ERROR: <input>:1:22: undefined field 'namespace'\n \
+                 | !has(self.ref) || has(self.ref.namespace)\n \
+                 | .....................^"
+        ),
+        "{}",
+        found[0].2
+    );
+
+    let escaped = spec_schema(
+        properties,
+        json!([
+            {"rule": "!has(self.ref) || has(self.ref.__namespace__)",
+             "message": "ref needs a namespace"},
+            {"rule": "!has(self.max__dash__size) || self.max__dash__size > 0",
+             "message": "max-size must be positive"},
+        ]),
+    );
+    let api = install(&client, &crd_with_schema("refs", "Ref", escaped)).await;
+    create_spec(
+        &api,
+        "full",
+        json!({"ref": {"namespace": "ns", "name": "n"}, "max-size": 3}),
+    )
+    .await
+    .unwrap();
+    let no_namespace = api_error(create_spec(&api, "bare", json!({"ref": {"name": "n"}})).await);
+    assert!(
+        no_namespace.message.contains("ref needs a namespace"),
+        "{}",
+        no_namespace.message
+    );
+    let zero = api_error(create_spec(&api, "zero", json!({"max-size": 0})).await);
+    assert!(
+        zero.message.contains("max-size must be positive"),
+        "{}",
+        zero.message
+    );
+}
+
+#[tokio::test]
+async fn map_keys_and_list_macros_type_check() {
+    let (_server, client) = started().await;
+    let properties = json!({
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"},
+        }}},
+    });
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let wrong = spec_schema(
+        properties.clone(),
+        json!([{"rule": "!has(self.items) || self.items.all(i, has(i.title))"}]),
+    );
+    let refused = api_error(
+        crds.create(
+            &PostParams::default(),
+            &crd_with_schema("boxes", "Box", wrong),
+        )
+        .await,
+    );
+    assert!(
+        causes(&refused)
+            .iter()
+            .any(|c| c.2.contains("undefined field 'title'")),
+        "{:?}",
+        causes(&refused)
+    );
+
+    let rules = json!([
+        {"rule": "!has(self.labels) || !has(self.labels.team) || self.labels.team != ''",
+         "message": "team must not be empty"},
+        {"rule": "!has(self.labels) || self.labels.all(k, k.size() < 64 && self.labels[k].size() < 64)"},
+        {"rule": "!has(self.items) || self.items.all(i, has(i.name))",
+         "message": "every item needs a name"},
+        {"rule": "!has(self.items) || self.items.map(i, i.name).filter(n, n == 'x').size() <= 1"},
+        {"rule": "!has(self.items) || self.items.exists_one(i, i.name == 'main') || self.items.exists(i, i.name == 'any')"},
+    ]);
+    let api = install(
+        &client,
+        &crd_with_schema("boxes", "Box", spec_schema(properties, rules)),
+    )
+    .await;
+    create_spec(
+        &api,
+        "ok",
+        json!({"labels": {"team": "a"}, "items": [{"name": "main"}]}),
+    )
+    .await
+    .unwrap();
+    let empty_team = api_error(create_spec(&api, "team", json!({"labels": {"team": ""}})).await);
+    assert!(
+        empty_team.message.contains("team must not be empty"),
+        "{}",
+        empty_team.message
+    );
+    let unnamed = api_error(create_spec(&api, "unnamed", json!({"items": [{}]})).await);
+    assert!(
+        unnamed.message.contains("every item needs a name"),
+        "{}",
+        unnamed.message
+    );
+}
+
+#[tokio::test]
+async fn the_repository_crds_install_with_every_rule_compiled() {
+    let (_server, client) = started().await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    for file in files {
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            yaml.contains("x-kubernetes-validations"),
+            "{} has CEL rules to check",
+            file.display()
+        );
+        let crd = install_crd(&client, &yaml).await;
+        assert!(
+            crd.status.is_some(),
+            "{} is installed and established",
+            file.display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn resource_roots_expose_type_meta_and_name_only() {
+    let (_server, client) = started().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let root = |rule: &str| {
+        json!({
+            "type": "object",
+            "properties": {"metadata": {"type": "object"}, "spec": {"type": "object"}},
+            "x-kubernetes-validations": [{"rule": rule}],
+        })
+    };
+    let labels = api_error(
+        crds.create(
+            &PostParams::default(),
+            &crd_with_schema("roots", "Root", root("has(self.metadata.labels)")),
+        )
+        .await,
+    );
+    let found = causes(&labels);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].1,
+        "spec.versions[0].schema.openAPIV3Schema.x-kubernetes-validations[0].rule"
+    );
+    assert!(
+        found[0].2.contains("undefined field 'labels'"),
+        "{}",
+        found[0].2
+    );
+    let rule = "self.metadata.name.size() < 64 && self.kind == 'Root' && has(self.apiVersion)";
+    install(&client, &crd_with_schema("roots", "Root", root(rule))).await;
+}

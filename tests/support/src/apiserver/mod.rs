@@ -15,12 +15,17 @@
 //!   count in [`TestApiServer::writes`], which counts requests.
 //! - Custom resources are pruned, defaulted and validated against their schema, including
 //!   CEL rules, with validation ratcheting on update.
+//! - CRD create and update type-check CEL rules against the CEL type the server derives from
+//!   the schema: a rule naming a property without a `type` (only
+//!   `x-kubernetes-preserve-unknown-fields`), or `self.namespace` for the escaped
+//!   `self.__namespace__`, is refused with cel-go's `undefined field` error.
 //! - Server-side apply owns leaf fields per manager; lists are atomic unless the schema says
 //!   `x-kubernetes-list-type: set|map` (`metadata.finalizers` is a set). Update-style writes
 //!   take ownership of what they change, so a later apply by another manager conflicts.
 //! - Removing an owner deletes its dependents (background propagation) unless deleted with
 //!   `propagationPolicy: Orphan`.
 
+mod cel_types;
 mod discovery;
 mod error;
 mod fields;

@@ -5,10 +5,12 @@
 use std::collections::BTreeSet;
 use std::sync::{LazyLock, Mutex};
 
-use kube_cel::{CompiledSchema, Validator, compile_schema};
+use kube_cel::cel::ParseErrors;
+use kube_cel::{CompilationError, CompiledSchema, Validator, compile_schema};
 use regex::Regex;
 use serde_json::{Map, Value, json};
 
+use super::cel_types::{Ty, check, decl_type, render_positioned, self_type_name};
 use super::error::Cause;
 
 const OBJECT_META_FIELDS: &[&str] = &[
@@ -88,12 +90,17 @@ impl CrSchema {
     /// OpenAPI and CEL validation; `old` enables transition rules and ratcheting.
     pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
         let mut causes = Vec::new();
-        let mut body = obj.clone();
-        if let Some(m) = body.as_object_mut() {
-            m.remove("metadata");
-            m.remove("apiVersion");
-            m.remove("kind");
-        }
+        let without_meta = |v: &Value| {
+            let mut body = v.clone();
+            if let Some(m) = body.as_object_mut() {
+                m.remove("metadata");
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
+            body
+        };
+        let body = without_meta(obj);
+        let old_body = old.map(without_meta);
         let mut root_schema = self.root.clone();
         if let Some(props) = root_schema
             .get_mut("properties")
@@ -109,7 +116,7 @@ impl CrSchema {
         {
             req.retain(|r| !matches!(r.as_str(), Some("metadata" | "apiVersion" | "kind")));
         }
-        validate_value(&root_schema, &body, "", &mut causes);
+        validate_value(&root_schema, &body, old_body.as_ref(), "", &mut causes);
         let validator = VALIDATOR.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(errors) = validator.validate_compiled(&self.compiled, obj, old) {
             for e in errors.iter() {
@@ -269,7 +276,13 @@ fn in_body(path: &str) -> String {
     }
 }
 
-fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+fn validate_value(
+    schema: &Value,
+    value: &Value,
+    old: Option<&Value>,
+    path: &str,
+    causes: &mut Vec<Cause>,
+) {
     let int_or_string = schema
         .get("x-kubernetes-int-or-string")
         .and_then(Value::as_bool)
@@ -451,7 +464,7 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
             }
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
-                    validate_value(item_schema, item, &format!("{path}[{i}]"), causes);
+                    validate_value(item_schema, item, None, &format!("{path}[{i}]"), causes);
                 }
             }
         }
@@ -485,60 +498,102 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (k, v) in map {
                 if let Some(s) = props.and_then(|p| p.get(k)).or(additional) {
-                    validate_value(s, v, &join(path, k), causes);
+                    let was = old.and_then(|o| o.get(k));
+                    validate_value(s, v, was, &join(path, k), causes);
                 }
             }
         }
         _ => {}
     }
-    validate_junctors(schema, value, path, causes);
+    validate_junctors(schema, value, old, path, causes);
 }
 
-fn passes(schema: &Value, value: &Value, path: &str) -> bool {
+fn branch_causes(schema: &Value, value: &Value, path: &str) -> Vec<Cause> {
     let mut c = Vec::new();
-    validate_value(schema, value, path, &mut c);
-    c.is_empty()
+    validate_value(schema, value, None, path, &mut c);
+    c
 }
 
-fn validate_junctors(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
-    if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
-        for s in all {
-            validate_value(s, value, path, causes);
+/// A junctor failure as the server reports it: kube-openapi's message is not a field error, so
+/// it comes with a nil field path and an empty value.
+fn junctor_failure(path: &str, what: &str) -> Cause {
+    Cause {
+        reason: "FieldValueInvalid",
+        field: "<nil>".into(),
+        body: format!("Invalid value: \"\": {} {what}", go_quote(path)),
+    }
+}
+
+/// The errors of the failed branch kube-openapi reports alongside a junctor failure: the one
+/// that matched most, approximated as the one with fewest errors, the first on a tie.
+fn best_failure(results: Vec<Vec<Cause>>) -> Vec<Cause> {
+    results
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .reduce(|best, r| if r.len() < best.len() { r } else { best })
+        .unwrap_or_default()
+}
+
+/// `anyOf`, `oneOf`, `allOf` and `not`, in kube-openapi's order and wording; a value the update
+/// leaves as it was is not judged again (ratcheting).
+fn validate_junctors(
+    schema: &Value,
+    value: &Value,
+    old: Option<&Value>,
+    path: &str,
+    causes: &mut Vec<Cause>,
+) {
+    if old == Some(value) {
+        return;
+    }
+    let branches = |key: &str| -> Option<Vec<Vec<Cause>>> {
+        let list = schema.get(key).and_then(Value::as_array)?;
+        Some(list.iter().map(|s| branch_causes(s, value, path)).collect())
+    };
+    if let Some(results) = branches("anyOf")
+        && !results.iter().any(Vec::is_empty)
+    {
+        causes.push(junctor_failure(
+            path,
+            "must validate at least one schema (anyOf)",
+        ));
+        causes.extend(best_failure(results));
+    }
+    if let Some(results) = branches("oneOf") {
+        let valid = results.iter().filter(|r| r.is_empty()).count();
+        if valid != 1 {
+            let found = if valid == 0 {
+                "Found none valid".to_string()
+            } else {
+                format!("Found {valid} valid alternatives")
+            };
+            causes.push(junctor_failure(
+                path,
+                &format!("must validate one and only one schema (oneOf). {found}"),
+            ));
+            if valid == 0 {
+                causes.extend(best_failure(results));
+            }
         }
     }
-    if let Some(any) = schema.get("anyOf").and_then(Value::as_array)
-        && !any.iter().any(|s| passes(s, value, path))
-    {
-        causes.push(Cause::invalid(
-            path,
-            &json!(type_name(Some(value))),
-            &format!(
-                "{} must validate at least one schema (anyOf)",
-                in_body(path)
-            ),
-        ));
-    }
-    if let Some(one) = schema.get("oneOf").and_then(Value::as_array) {
-        let n = one.iter().filter(|s| passes(s, value, path)).count();
-        if n != 1 {
-            causes.push(Cause::invalid(
+    if let Some(results) = branches("allOf") {
+        let (total, valid) = (
+            results.len(),
+            results.iter().filter(|r| r.is_empty()).count(),
+        );
+        causes.extend(results.into_iter().flatten());
+        if valid != total {
+            let none = if valid == 0 { ". None validated" } else { "" };
+            causes.push(junctor_failure(
                 path,
-                &json!(type_name(Some(value))),
-                &format!(
-                    "{} must validate one and only one schema (oneOf)",
-                    in_body(path)
-                ),
+                &format!("must validate all the schemas (allOf){none}"),
             ));
         }
     }
     if let Some(not) = schema.get("not")
-        && passes(not, value, path)
+        && branch_causes(not, value, path).is_empty()
     {
-        causes.push(Cause::invalid(
-            path,
-            &json!(type_name(Some(value))),
-            &format!("{} must not validate the schema (not)", in_body(path)),
-        ));
+        causes.push(junctor_failure(path, "must not validate the schema (not)"));
     }
 }
 
@@ -572,7 +627,13 @@ pub(crate) fn structural_errors(schema: &Value, base: &str) -> Vec<Cause> {
     }
     walk_structural(schema, base, false, &mut causes);
     let compiled = compile_schema(schema);
-    collect_compile_errors(&compiled, schema, base, &mut causes);
+    collect_compile_errors(
+        &compiled,
+        schema,
+        base,
+        (true, RuleScope::Outside, None),
+        &mut causes,
+    );
     causes
 }
 
@@ -658,26 +719,90 @@ fn walk_structural(schema: &Value, path: &str, in_junctor: bool, causes: &mut Ve
     }
 }
 
+/// Whether the nodes above have rules (so the server derives their CEL types) and whether
+/// that failed, which fails every rule-bearing node below (`CELSchemaContext.TypeInfo`).
+#[derive(Clone, Copy, PartialEq)]
+enum RuleScope {
+    Outside,
+    Typed,
+    Untyped,
+}
+
+const NO_CEL_TYPE: &str = "Internal error: internal error: failed to construct type information \
+                           for x-kubernetes-validations rules: unable to convert structural \
+                           schema to CEL declarations";
+
+/// Refuses rules as CRD validation does: on a node with no CEL type, any rule; otherwise one
+/// that does not parse, does not type-check against the node's CEL type, or is not a bool,
+/// and a `messageExpression` that does not type-check. A node in rule scope takes its type from
+/// its parent's (`inherited`) where that has it, else from its own schema, as the server does.
 fn collect_compile_errors(
     compiled: &CompiledSchema,
     schema: &Value,
     path: &str,
+    (root, scope, inherited): (bool, RuleScope, Option<Ty>),
     causes: &mut Vec<Cause>,
 ) {
     let rules = schema
         .get("x-kubernetes-validations")
-        .and_then(Value::as_array);
-    for (i, r) in compiled.validations.iter().enumerate() {
-        if let Err(e) = r {
-            let rule = rules
-                .and_then(|r| r.get(i))
-                .and_then(|r| r.get("rule"))
-                .cloned();
-            causes.push(Cause::invalid(
-                format!("{path}.x-kubernetes-validations[{i}].rule"),
-                &rule.unwrap_or(Value::Null),
-                &format!("compilation failed: {e}"),
-            ));
+        .and_then(Value::as_array)
+        .filter(|r| !r.is_empty());
+    let self_ty = if scope == RuleScope::Untyped || (scope == RuleScope::Outside && rules.is_none())
+    {
+        None
+    } else {
+        let embedded = schema
+            .get("x-kubernetes-embedded-resource")
+            .and_then(Value::as_bool)
+            == Some(true);
+        inherited.or_else(|| decl_type(schema, root || embedded, &self_type_name()))
+    };
+    let child_scope = match (scope, rules, &self_ty) {
+        (RuleScope::Outside, None, _) => RuleScope::Outside,
+        (_, _, Some(_)) => RuleScope::Typed,
+        (_, _, None) => RuleScope::Untyped,
+    };
+    if let Some(rules) = rules {
+        match &self_ty {
+            None => causes.push(Cause {
+                reason: "InternalError",
+                field: format!("{path}.x-kubernetes-validations"),
+                body: NO_CEL_TYPE.to_string(),
+            }),
+            Some(self_ty) => {
+                for (i, (rule, result)) in rules.iter().zip(&compiled.validations).enumerate() {
+                    let at = format!("{path}.x-kubernetes-validations[{i}]");
+                    let refused = match result {
+                        Err(CompilationError::MessageExpressionParse {
+                            message_expression,
+                            source,
+                            ..
+                        }) => Some((
+                            "messageExpression",
+                            format!(
+                                "messageExpression compilation failed: {}",
+                                parse_issues(message_expression, source.as_ref())
+                            ),
+                        )),
+                        Err(CompilationError::Parse { rule, source }) => Some((
+                            "rule",
+                            format!(
+                                "compilation failed: {}",
+                                parse_issues(rule, source.as_ref())
+                            ),
+                        )),
+                        Err(e) => Some(("rule", format!("compilation failed: {e}"))),
+                        Ok(_) => rule_error(rule, self_ty),
+                    };
+                    if let Some((field, detail)) = refused {
+                        causes.push(Cause {
+                            reason: "FieldValueInvalid",
+                            field: format!("{at}.{field}"),
+                            body: format!("Invalid value: {}: {detail}", go_rule(rule)),
+                        });
+                    }
+                }
+            }
         }
     }
     for (k, child) in &compiled.properties {
@@ -685,18 +810,111 @@ fn collect_compile_errors(
             "/properties/{}",
             k.replace('~', "~0").replace('/', "~1")
         )) {
-            collect_compile_errors(child, s, &format!("{path}.properties[{k}]"), causes);
+            let at = format!("{path}.properties[{k}]");
+            let inherited = self_ty.as_ref().and_then(|t| t.property(k));
+            collect_compile_errors(child, s, &at, (false, child_scope, inherited), causes);
         }
     }
     if let (Some(child), Some(s)) = (&compiled.items, schema.get("items")) {
-        collect_compile_errors(child, s, &format!("{path}.items"), causes);
+        let at = format!("{path}.items");
+        let inherited = self_ty.as_ref().and_then(Ty::items);
+        collect_compile_errors(child, s, &at, (false, child_scope, inherited), causes);
     }
     if let (Some(child), Some(s)) = (
         &compiled.additional_properties,
         schema.get("additionalProperties"),
     ) {
-        collect_compile_errors(child, s, &format!("{path}.additionalProperties"), causes);
+        let at = format!("{path}.additionalProperties");
+        let inherited = self_ty.as_ref().and_then(Ty::values);
+        collect_compile_errors(child, s, &at, (false, child_scope, inherited), causes);
     }
+}
+
+/// The field (`rule` or `messageExpression`) and detail of a parsed rule the server refuses.
+fn rule_error(rule: &Value, self_ty: &Ty) -> Option<(&'static str, String)> {
+    let text = rule.get("rule").and_then(Value::as_str).unwrap_or("");
+    if text.trim().is_empty() {
+        return None;
+    }
+    let optional_old_self = rule.get("optionalOldSelf").and_then(Value::as_bool) == Some(true);
+    match check(text, self_ty, optional_old_self) {
+        Err(issues) => return Some(("rule", format!("compilation failed: {issues}"))),
+        Ok(t) if t.known_non_bool() => {
+            return Some(("rule", "cel expression must evaluate to a bool".into()));
+        }
+        Ok(_) => {}
+    }
+    let message = rule.get("messageExpression").and_then(Value::as_str)?;
+    if message.trim().is_empty() {
+        return None;
+    }
+    check(message, self_ty, optional_old_self)
+        .err()
+        .map(|issues| {
+            (
+                "messageExpression",
+                format!("messageExpression compilation failed: {issues}"),
+            )
+        })
+}
+
+/// The parser's errors, as cel-go's `issues.String()` shows them.
+fn parse_issues(source: &str, error: &(dyn std::error::Error + 'static)) -> String {
+    match error.downcast_ref::<ParseErrors>() {
+        Some(errors) => render_positioned(
+            source,
+            errors
+                .errors
+                .iter()
+                .map(|e| {
+                    let at = |n: isize| usize::try_from(n).unwrap_or(0);
+                    (at(e.pos.0), at(e.pos.1), e.msg.clone())
+                })
+                .collect(),
+        ),
+        None => error.to_string(),
+    }
+}
+
+/// A rule as Go's `%#v` prints the `apiextensions.ValidationRule` a real server reports as the
+/// invalid value.
+fn go_rule(rule: &Value) -> String {
+    let text = |k: &str| go_quote(rule.get(k).and_then(Value::as_str).unwrap_or(""));
+    // A set pointer prints as its address, which no client can rely on.
+    let pointer = |k: &str, ty: &str| match rule.get(k) {
+        Some(v) if !v.is_null() => format!("(*{ty})(0xc000a1c0e0)"),
+        _ => format!("(*{ty})(nil)"),
+    };
+    format!(
+        "apiextensions.ValidationRule{{Rule:{}, Message:{}, MessageExpression:{}, Reason:{}, \
+         FieldPath:{}, OptionalOldSelf:{}}}",
+        text("rule"),
+        text("message"),
+        text("messageExpression"),
+        pointer("reason", "apiextensions.FieldValueErrorReason"),
+        text("fieldPath"),
+        pointer("optionalOldSelf", "bool"),
+    )
+}
+
+/// Go's `%q` of a string.
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Keeps only the fields `ObjectMeta` has, as decoding into it does on the real server.
