@@ -494,6 +494,61 @@ fn unknown_kinds_are_reported_and_skipped() {
     );
 }
 
+/// The CLI resolves backends with the controller's lookup: a ClusterConnectionBackend's
+/// namespaceSelector against the labels of the Namespace manifests in the input.
+#[test]
+fn a_namespace_the_selector_excludes_is_refused_as_in_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let connection = |namespace: &str| {
+        format!(
+            "apiVersion: appconn.io/v1alpha1\nkind: AppConnection\n\
+             metadata: {{name: db, namespace: {namespace}}}\n\
+             spec:\n  backendRef: {{kind: ClusterConnectionBackend, name: shared}}\n  \
+             app: postgres\n  credentials: {{host: {{value: db.internal}}}}\n---\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: appconn.io/v1alpha1\nkind: ClusterConnectionBackend\nmetadata: {{name: shared}}\n\
+         spec:\n  builtin: {{}}\n  conditions:\n    namespaceSelector: {{matchLabels: {{team: data}}}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: analytics, labels: {{team: data}}}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: sales, labels: {{team: sales}}}}\n---\n\
+         {}{}{}",
+        connection("analytics"),
+        connection("sales"),
+        connection("unlabelled"),
+    );
+    std::fs::write(dir.path().join("in.yaml"), yaml).unwrap();
+    let out = appconn(dir.path(), &["apply", "-f", "in.yaml", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("Namespace"),
+        "Namespace manifests are read, not skipped: {}",
+        text(&out)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |namespace: &str| {
+        rows.iter()
+            .find(|r| r["namespace"] == namespace)
+            .unwrap_or_else(|| panic!("no row for {namespace}: {rows:?}"))
+            .clone()
+    };
+    assert_eq!(row("analytics")["ready"], true, "{rows:?}");
+    assert_eq!(row("analytics")["action"], "create");
+    for excluded in ["sales", "unlabelled"] {
+        let row = row(excluded);
+        assert_eq!(row["ready"], false, "{row}");
+        assert_eq!(row["reason"], "BackendNotFound", "{row}");
+        assert_eq!(
+            row["message"],
+            format!(
+                "ClusterConnectionBackend \"shared\" does not allow namespace \"{excluded}\" \
+                 (conditions.namespaceSelector)"
+            ),
+            "{row}"
+        );
+    }
+}
+
 #[test]
 fn directories_are_read_recursively_and_empty_ones_refused() {
     let dir = tempfile::tempdir().unwrap();

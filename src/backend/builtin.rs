@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use uuid::Uuid;
 
 use super::{Backend, BackendError, Desired, Remote, RemoteRotation, Target};
+use crate::crd::ProviderType;
 use crate::store::{NewRecord, Record, RotationState, StoreEngine, StoreError};
 
 /// The time source; tests move it.
@@ -124,8 +125,8 @@ fn valid_name(name: &str) -> bool {
 
 #[async_trait]
 impl Backend for BuiltinBackend {
-    fn provider(&self) -> &'static str {
-        "builtin"
+    fn provider(&self) -> ProviderType {
+        ProviderType::Builtin
     }
 
     fn validate(&self, desired: &Desired) -> Result<(), BackendError> {

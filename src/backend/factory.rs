@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::Backend;
 use super::infisical::{InfisicalBackend, InfisicalConfig};
-use crate::crd::{BackendProvider, SecretValueSource};
+use super::{Backend, BackendLookupError};
+use crate::crd::{BackendProvider, Provider, SecretValueSource};
 use crate::metrics::Metrics;
-use crate::reconcile::BackendLookupError;
 use crate::secret::SecretString;
 
 /// Where backend auth Secrets are read from.
@@ -52,32 +51,75 @@ async fn read(
     Ok(SecretString::new(text.trim().to_string()))
 }
 
-/// A client for a non-builtin provider block.
-pub async fn build(
-    provider: &BackendProvider,
-    secrets: &dyn SecretSource,
+/// Builds the backend of a provider block: the one place that knows every provider.
+pub struct Factory {
+    builtin: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
-) -> Result<Arc<dyn Backend>, BackendLookupError> {
-    if let Some(infisical) = &provider.infisical {
-        let auth = &infisical.auth.universal_auth;
-        let client_id = read(secrets, &auth.client_id).await?;
-        let client_secret = read(secrets, &auth.client_secret).await?;
-        let config = InfisicalConfig::from_provider(
-            infisical,
-            provider.rate_limit,
-            client_id,
-            client_secret,
-        );
-        let backend = InfisicalBackend::new(config, metrics).map_err(|e| match e {
-            super::BackendError::InvalidSpec { message } => {
-                BackendLookupError::InvalidSpec(message)
-            }
-            other => BackendLookupError::NotReady(other.to_string()),
-        })?;
-        return Ok(Arc::new(backend));
+}
+
+impl Factory {
+    pub fn new(builtin: Arc<dyn Backend>, metrics: Arc<Metrics>) -> Self {
+        Self { builtin, metrics }
     }
-    let name = provider.type_name().unwrap_or("none");
-    Err(BackendLookupError::NotReady(format!(
-        "provider {name:?} is not supported by this version of appconn"
-    )))
+
+    /// The built-in store.
+    pub fn builtin(&self) -> Arc<dyn Backend> {
+        self.builtin.clone()
+    }
+
+    /// The backend of `provider`, its auth Secrets read through `secrets`; the built-in store
+    /// is the one shared instance.
+    pub async fn build(
+        &self,
+        provider: &BackendProvider,
+        secrets: &dyn SecretSource,
+    ) -> Result<Arc<dyn Backend>, BackendLookupError> {
+        let typed = provider
+            .provider()
+            .map_err(|message| BackendLookupError::InvalidSpec(message.into()))?;
+        match typed {
+            Provider::Builtin => Ok(self.builtin.clone()),
+            Provider::Infisical(infisical) => {
+                let auth = &infisical.auth.universal_auth;
+                let client_id = read(secrets, &auth.client_id).await?;
+                let client_secret = read(secrets, &auth.client_secret).await?;
+                let config = InfisicalConfig::from_provider(
+                    infisical,
+                    provider.rate_limit,
+                    client_id,
+                    client_secret,
+                );
+                let backend =
+                    InfisicalBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
+                Ok(Arc::new(backend))
+            }
+            Provider::Credible(_) | Provider::Matillion(_) => {
+                Err(BackendLookupError::NotReady(format!(
+                    "provider {:?} is not supported by this version of appconn",
+                    typed.type_().as_str()
+                )))
+            }
+        }
+    }
+}
+
+/// The rules of a provider block that need no Secret (URLs, CA bundles), for the backend
+/// resource's own check.
+pub fn check_spec(provider: &BackendProvider) -> Result<(), BackendLookupError> {
+    let typed = provider
+        .provider()
+        .map_err(|message| BackendLookupError::InvalidSpec(message.into()))?;
+    match typed {
+        Provider::Builtin | Provider::Credible(_) | Provider::Matillion(_) => Ok(()),
+        Provider::Infisical(infisical) => {
+            InfisicalBackend::check_spec(infisical).map_err(spec_error)
+        }
+    }
+}
+
+fn spec_error(err: super::BackendError) -> BackendLookupError {
+    match err {
+        super::BackendError::InvalidSpec { message } => BackendLookupError::InvalidSpec(message),
+        other => BackendLookupError::NotReady(other.to_string()),
+    }
 }

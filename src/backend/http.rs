@@ -67,6 +67,17 @@ pub fn client(
     })
 }
 
+/// A backend's base URL from its resource: http(s) and able to take a path, or `InvalidSpec`
+/// naming `field`.
+pub fn base_url(field: &str, url: &str) -> Result<reqwest::Url, BackendError> {
+    reqwest::Url::parse(url.trim())
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && !url.cannot_be_a_base())
+        .ok_or_else(|| BackendError::InvalidSpec {
+            message: format!("{field} {url:?} is not an http(s) URL"),
+        })
+}
+
 /// The `Retry-After` of a response, in seconds or as an HTTP date, capped at [`MAX_RETRY_AFTER`].
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;

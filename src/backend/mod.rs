@@ -4,6 +4,7 @@
 //! `find` by name is how a crash between create and status write is recovered.
 
 pub mod builtin;
+pub mod client;
 mod factory;
 pub mod http;
 pub mod infisical;
@@ -16,9 +17,10 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use serde_json::Value;
 
-pub use factory::{SecretSource, build};
+pub use factory::{Factory, SecretSource, check_spec};
 
-use crate::reconcile::Reason;
+pub use crate::crd::RotationSchedule;
+use crate::crd::{ProviderType, Reason};
 use crate::secret::Credentials;
 
 /// Which backend object a connection is: enough to find, read or delete it, no secrets.
@@ -34,14 +36,6 @@ pub struct Target {
     pub method: Option<String>,
     /// Project at the backend, after defaulting from the backend resource.
     pub project: Option<String>,
-}
-
-/// Rotation schedule as the spec asks for it (only present when rotation is enabled).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RotationSchedule {
-    pub interval_days: u16,
-    pub hours: u8,
-    pub minutes: u8,
 }
 
 /// Everything the operator sends for one connection.
@@ -129,12 +123,37 @@ impl BackendError {
     }
 }
 
+/// Why no backend could be used for a connection.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendLookupError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotReady(String),
+    /// The backend resource itself is unusable as written (a bad URL or CA bundle).
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// Transient: retried with backoff.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl BackendLookupError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            BackendLookupError::NotFound(_) => Reason::BackendNotFound,
+            BackendLookupError::NotReady(_) => Reason::BackendNotReady,
+            BackendLookupError::InvalidSpec(_) => Reason::InvalidSpec,
+            BackendLookupError::Unavailable(_) => Reason::BackendUnavailable,
+        }
+    }
+}
+
 /// A connection backend. Implementations never log or return secret values, including in
 /// error messages built from response bodies.
 #[async_trait]
 pub trait Backend: Send + Sync {
-    /// Provider type: `builtin`, `infisical`, `credible`, `matillion`.
-    fn provider(&self) -> &'static str;
+    fn provider(&self) -> ProviderType;
 
     /// Checks backend-specific rules (name syntax, app and method) before any write.
     fn validate(&self, desired: &Desired) -> Result<(), BackendError>;

@@ -11,6 +11,18 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
 
+/// `(requests per second, burst)` of a backend resource's `rateLimit`, else `default`. A
+/// limit without a burst allows a burst of one second's worth.
+pub fn rate(limit: Option<crate::crd::RateLimit>, default: (u32, u32)) -> (u32, u32) {
+    match limit {
+        Some(limit) => {
+            let rps = limit.requests_per_second.clamp(1, 10_000) as u32;
+            (rps, limit.burst.map_or(rps, |b| b.clamp(1, 10_000) as u32))
+        }
+        None => default,
+    }
+}
+
 /// A token bucket with a pause gate, shared by every request to one backend.
 #[derive(Debug)]
 pub struct RateLimiter {

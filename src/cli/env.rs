@@ -10,11 +10,17 @@ use serde_json::Value;
 
 use super::manifests::Manifests;
 use crate::backend::builtin::BuiltinBackend;
-use crate::backend::{self, Backend, SecretSource};
-use crate::crd::{AppConnection, AppConnectionStatus, BackendKind, CREATE_PENDING, FINALIZER};
+use crate::backend::{Backend, Factory, SecretSource};
+use crate::crd::{
+    AppConnection, AppConnectionStatus, CREATE_PENDING, ClusterConnectionBackend,
+    ConnectionBackend, FINALIZER,
+};
 use crate::metrics::Metrics;
 use crate::reconcile::resolve::SecretData;
-use crate::reconcile::{BackendInfo, BackendLookupError, EnvError, Environment, Event};
+use crate::reconcile::{
+    BackendInfo, BackendKey, BackendLookupError, BackendResources, EnvError, Environment, Event,
+    resolve_backend,
+};
 use crate::store::StoreEngine;
 
 /// What the CLI remembers of an AppConnection between runs: what the API server would.
@@ -61,36 +67,37 @@ impl ResourceState {
 
 pub struct CliEnv<'a> {
     pub store: Arc<dyn StoreEngine>,
-    pub builtin: Arc<dyn Backend>,
     pub manifests: &'a Manifests,
-    /// Clients of the backend resources in the files, built on first use.
-    pub backends: Backends,
+    factory: Factory,
+    /// Backend clients built during one command, one per backend resource: its connections
+    /// share one login, and a refused login is not repeated for each of them (three refusals
+    /// lock an Infisical identity).
+    built: Mutex<HashMap<BackendKey, Arc<dyn Backend>>>,
     /// Key -> state as it will be saved on the next write.
     pub states: Mutex<BTreeMap<String, ResourceState>>,
 }
 
-/// Kind, namespace ("" for the cluster kind), name.
-type BackendKey = (BackendKind, String, String);
-
-/// Backend clients built during one command, one per backend resource: its connections share
-/// one login, and a refused login is not repeated for each of them (three refusals lock an
-/// Infisical identity).
-#[derive(Default)]
-pub struct Backends {
-    built: Mutex<HashMap<BackendKey, Arc<dyn Backend>>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Backends {
-    fn get(&self, key: &BackendKey) -> Option<Arc<dyn Backend>> {
-        self.built.lock().expect("backends lock").get(key).cloned()
+/// The backend resources and namespaces of the applied files, for the core's one lookup.
+impl BackendResources for Manifests {
+    fn connection_backend(&self, namespace: &str, name: &str) -> Option<ConnectionBackend> {
+        self.backends
+            .iter()
+            .find(|b| {
+                b.metadata.name.as_deref() == Some(name)
+                    && b.metadata.namespace.as_deref() == Some(namespace)
+            })
+            .cloned()
     }
 
-    fn insert(&self, key: BackendKey, backend: Arc<dyn Backend>) {
-        self.built
-            .lock()
-            .expect("backends lock")
-            .insert(key, backend);
+    fn cluster_backend(&self, name: &str) -> Option<ClusterConnectionBackend> {
+        self.cluster_backends
+            .iter()
+            .find(|b| b.metadata.name.as_deref() == Some(name))
+            .cloned()
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        self.namespaces.get(namespace).cloned().unwrap_or_default()
     }
 }
 
@@ -119,11 +126,12 @@ impl SecretSource for FileSecrets<'_> {
 impl<'a> CliEnv<'a> {
     /// An environment over the store file and the applied files.
     pub fn new(store: Arc<dyn StoreEngine>, manifests: &'a Manifests) -> Self {
+        let builtin = Arc::new(BuiltinBackend::new(store.clone()));
         CliEnv {
-            builtin: Arc::new(BuiltinBackend::new(store.clone())),
+            factory: Factory::new(builtin, Arc::new(Metrics::default())),
             store,
             manifests,
-            backends: Default::default(),
+            built: Mutex::new(HashMap::new()),
             states: Mutex::new(BTreeMap::new()),
         }
     }
@@ -171,68 +179,28 @@ impl Environment for CliEnv<'_> {
         &self,
         conn: &AppConnection,
     ) -> Result<(Arc<dyn Backend>, BackendInfo), BackendLookupError> {
-        let Some(reference) = &conn.spec.backend_ref else {
-            return Ok((self.builtin.clone(), BackendInfo::builtin()));
+        let Some(resolved) = resolve_backend(self.manifests, conn)? else {
+            return Ok((self.factory.builtin(), BackendInfo::builtin()));
         };
-        let namespace = conn.metadata.namespace.as_deref().unwrap_or_default();
-        let provider = match reference.kind {
-            BackendKind::ConnectionBackend => self
-                .manifests
-                .backends
-                .iter()
-                .find(|b| {
-                    b.metadata.name.as_deref() == Some(reference.name.as_str())
-                        && b.metadata.namespace.as_deref() == Some(namespace)
-                })
-                .map(|b| &b.spec.provider),
-            BackendKind::ClusterConnectionBackend => self
-                .manifests
-                .cluster_backends
-                .iter()
-                .find(|b| b.metadata.name.as_deref() == Some(reference.name.as_str()))
-                .map(|b| &b.spec.provider),
-        };
-        let Some(provider) = provider else {
-            return Err(BackendLookupError::NotFound(format!(
-                "{} {:?} not found{} in the applied files",
-                reference.kind.as_str(),
-                reference.name,
-                match reference.kind {
-                    BackendKind::ConnectionBackend => format!(" in namespace {namespace:?}"),
-                    BackendKind::ClusterConnectionBackend => String::new(),
-                }
-            )));
-        };
-        let info = BackendInfo {
-            kind: reference.kind.as_str().to_string(),
-            name: reference.name.clone(),
-            provider: provider.type_name().unwrap_or("unknown"),
-            default_project: provider.default_project(),
-        };
-        if info.provider == "builtin" {
-            return Ok((self.builtin.clone(), info));
-        }
-        // A ConnectionBackend reads its Secrets from its own namespace (the connection's); a
-        // ClusterConnectionBackend from the namespace each reference names.
-        let own_namespace = match reference.kind {
-            BackendKind::ConnectionBackend => Some(namespace.to_string()),
-            BackendKind::ClusterConnectionBackend => None,
-        };
-        let key = (
-            reference.kind,
-            own_namespace.clone().unwrap_or_default(),
-            reference.name.clone(),
-        );
-        if let Some(built) = self.backends.get(&key) {
-            return Ok((built, info));
+        let kept = self
+            .built
+            .lock()
+            .expect("backends lock")
+            .get(&resolved.key)
+            .cloned();
+        if let Some(built) = kept {
+            return Ok((built, resolved.info));
         }
         let secrets = FileSecrets {
             secrets: &self.manifests.secrets,
-            namespace: own_namespace,
+            namespace: resolved.secret_namespace.clone(),
         };
-        let backend = backend::build(provider, &secrets, self.backends.metrics.clone()).await?;
-        self.backends.insert(key, backend.clone());
-        Ok((backend, info))
+        let backend = self.factory.build(&resolved.provider, &secrets).await?;
+        self.built
+            .lock()
+            .expect("backends lock")
+            .insert(resolved.key, backend.clone());
+        Ok((backend, resolved.info))
     }
 
     async fn mark(&self, conn: &AppConnection, create_pending: bool) -> Result<(), EnvError> {

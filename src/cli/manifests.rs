@@ -41,6 +41,8 @@ pub struct Manifests {
     pub cluster_backends: Vec<ClusterConnectionBackend>,
     /// (namespace, name) -> data.
     pub secrets: BTreeMap<(String, String), SecretData>,
+    /// Namespace -> labels, from `Namespace` manifests (for `namespaceSelector`s).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Documents refused as invalid.
     pub rejected: Vec<Rejected>,
     /// Documents of kinds appconn does not handle, reported and skipped.
@@ -131,7 +133,7 @@ impl Manifests {
             .unwrap_or_default()
             .to_string();
         let appconn_api = format!("{}/{}", crd::GROUP, crd::VERSION);
-        let namespaced = kind != "ClusterConnectionBackend";
+        let namespaced = !matches!(kind.as_str(), "ClusterConnectionBackend" | "Namespace");
         if namespaced {
             let meta = json.as_object_mut().and_then(|o| {
                 o.entry("metadata")
@@ -161,6 +163,9 @@ impl Manifests {
             }
             ("v1", "Secret") => secret(&json).map(|(key, data)| {
                 self.secrets.insert(key, data);
+            }),
+            ("v1", "Namespace") => namespace(&json).map(|(name, labels)| {
+                self.namespaces.insert(name, labels);
             }),
             ("", _) | (_, "") => {
                 Err("not a Kubernetes object: apiVersion and kind are required".into())
@@ -218,6 +223,24 @@ fn checked<T: DeserializeOwned>(kind: &str, json: &Value) -> Result<T, String> {
     }
     crd::validate::validate(kind, json, None).map_err(|errors| errors.join("; "))?;
     Ok(object)
+}
+
+fn namespace(json: &Value) -> Result<(String, BTreeMap<String, String>), String> {
+    let name = json
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or("Namespace without metadata.name")?;
+    let mut labels = BTreeMap::new();
+    if let Some(map) = json.pointer("/metadata/labels").and_then(Value::as_object) {
+        for (key, value) in map {
+            let value = value
+                .as_str()
+                .ok_or_else(|| format!("metadata.labels.{key} must be a string"))?;
+            labels.insert(key.clone(), value.to_string());
+        }
+    }
+    Ok((name.to_string(), labels))
 }
 
 fn secret(json: &Value) -> Result<((String, String), SecretData), String> {

@@ -31,17 +31,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, instrument, warn};
 
-use super::backends::{BackendKey, BackendVersion, Clients};
+use super::backends::Clients;
 use super::backoff::{Backoff, jitter};
-use crate::backend::infisical::{InfisicalBackend, InfisicalConfig};
+use crate::backend;
 use crate::crd::{
     BackendKind, BackendProvider, BackendSecretKeySelector, ClusterConnectionBackend,
-    ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
+    ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER, Provider,
 };
 use crate::kube_error::describe;
-use crate::metrics::Metrics;
-use crate::reconcile::{BackendLookupError, Reason, status};
-use crate::secret::SecretString;
+use crate::reconcile::{BackendKey, BackendLookupError, Reason, ResolvedBackend, status};
 
 /// How often a backend is checked again when nothing changed (jittered by ±10%).
 const CHECK_EVERY: Duration = Duration::from_secs(5 * 60);
@@ -96,7 +94,6 @@ impl BackendResource for ClusterConnectionBackend {
 
 pub(super) struct StatusContext {
     client: Client,
-    metrics: Arc<Metrics>,
     recorder: Recorder,
     backoff: Backoff,
     clients: Arc<Clients>,
@@ -163,12 +160,10 @@ pub(super) async fn run(
     clients: Arc<Clients>,
     scopes: Vec<Option<String>>,
     secrets: mpsc::UnboundedReceiver<(String, String)>,
-    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
     let ctx = Arc::new(StatusContext {
         client: client.clone(),
-        metrics,
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -278,20 +273,10 @@ fn users<K: BackendResource>(
 
 /// Every Secret reference of a provider block.
 fn secret_refs(provider: &BackendProvider) -> Vec<&BackendSecretKeySelector> {
-    let mut refs = Vec::new();
-    if let Some(infisical) = &provider.infisical {
-        let auth = &infisical.auth.universal_auth;
-        refs.push(&auth.client_id.secret_key_ref);
-        refs.push(&auth.client_secret.secret_key_ref);
-    }
-    if let Some(token) = provider.credible.as_ref().and_then(|c| c.token.as_ref()) {
-        refs.push(&token.secret_key_ref);
-    }
-    if let Some(matillion) = &provider.matillion {
-        refs.push(&matillion.auth.client_id.secret_key_ref);
-        refs.push(&matillion.auth.client_secret.secret_key_ref);
-    }
-    refs
+    provider
+        .provider()
+        .map(Provider::secret_keys)
+        .unwrap_or_default()
 }
 
 #[instrument(skip_all, fields(kind = K::KIND.as_str(), namespace = %obj.namespace().unwrap_or_default(), backend = %obj.name_any()))]
@@ -382,39 +367,39 @@ impl StatusContext {
     /// Builds (or reuses) the client and checks the backend.
     async fn check<K: BackendResource>(&self, resource: &K) -> Checked {
         let provider = resource.provider();
-        let Some(kind) = provider.type_name() else {
-            return Checked::failed(
-                Reason::InvalidSpec,
-                "exactly one provider block is required: builtin, infisical, credible or matillion"
-                    .into(),
-                Next::WaitForChange,
-            );
-        };
-        if kind == "builtin" {
-            return Checked::ok(
-                "the built-in store is part of the operator".into(),
-                Next::WaitForChange,
-            );
+        match provider.provider() {
+            Err(message) => {
+                return Checked::failed(Reason::InvalidSpec, message.into(), Next::WaitForChange);
+            }
+            Ok(Provider::Builtin) => {
+                return Checked::ok(
+                    "the built-in store is part of the operator".into(),
+                    Next::WaitForChange,
+                );
+            }
+            Ok(_) => {}
         }
-        if let Err(message) = self.valid_spec(provider) {
-            return Checked::failed(Reason::InvalidSpec, message, Next::WaitForChange);
+        if let Err(e) = backend::check_spec(provider) {
+            return Checked::failed(e.reason(), e.to_string(), Next::WaitForChange);
         }
         let key: BackendKey = (
             K::KIND,
             resource.namespace().unwrap_or_default(),
             resource.name_any(),
         );
+        let version = match ResolvedBackend::new(
+            key.clone(),
+            resource.meta(),
+            provider.clone(),
+            resource.secret_namespace(),
+        ) {
+            Ok(version) => version,
+            Err(e) => return Checked::failed(e.reason(), e.to_string(), Next::WaitForChange),
+        };
         let mut attempts = 0;
         let (backend, checked) = loop {
             attempts += 1;
-            let version = BackendVersion {
-                key: key.clone(),
-                uid: resource.uid().unwrap_or_default(),
-                generation: resource.meta().generation.unwrap_or_default(),
-                provider,
-                secret_namespace: resource.secret_namespace(),
-            };
-            let backend = match self.clients.get(version).await {
+            let backend = match self.clients.get(&version).await {
                 Ok(backend) => backend,
                 Err(e) => {
                     let next = match e {
@@ -445,26 +430,9 @@ impl StatusContext {
                 Checked::failed(e.reason(), e.to_string(), Next::Backoff(e.retry_after()))
             }
             // Refused credentials are tried again at the normal pace (the client holds a
-            // refused login back anyway); a Secret change brings a check with a new client.
+            // refused grant back anyway); a Secret change brings a check with a new client.
             Err(e) => Checked::failed(e.reason(), e.to_string(), Next::Periodic),
         }
-    }
-
-    /// Spec problems no Secret can fix, found by the provider's own rules.
-    fn valid_spec(&self, provider: &BackendProvider) -> Result<(), String> {
-        if let Some(infisical) = &provider.infisical {
-            // The client with placeholder credentials applies the URL and CA bundle rules
-            // without a request.
-            let placeholder = || SecretString::new(String::new());
-            let config = InfisicalConfig::from_provider(
-                infisical,
-                provider.rate_limit,
-                placeholder(),
-                placeholder(),
-            );
-            InfisicalBackend::new(config, self.metrics.clone()).map_err(|e| e.to_string())?;
-        }
-        Ok(())
     }
 
     async fn write<K: BackendResource>(
@@ -541,7 +509,11 @@ fn next_status<K: BackendResource>(
         now,
     );
     ConnectionBackendStatus {
-        type_: resource.provider().type_name().map(str::to_string),
+        type_: resource
+            .provider()
+            .provider()
+            .ok()
+            .map(|p| p.type_().as_str().to_string()),
         last_check_time: Some(Time(now)),
         observed_generation: generation,
         conditions,

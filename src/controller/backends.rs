@@ -1,7 +1,7 @@
-//! Resolves an AppConnection's `backendRef` to a backend client, from caches of the backend
-//! resources and namespaces. Backend clients live in [`Clients`], shared with the backend
-//! status checks: one client (so one token and one login) per backend generation and version
-//! of its auth Secrets.
+//! Resolves an AppConnection's `backendRef` to a backend client: the reconcile core's one
+//! lookup over caches of the backend resources and namespaces. Backend clients live in
+//! [`Clients`], shared with the backend status checks: one client (so one token and one login)
+//! per backend generation and version of its auth Secrets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -10,15 +10,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
-use crate::backend::{self, Backend, SecretSource};
-use crate::crd::{
-    AppConnection, BackendKind, BackendProvider, ClusterConnectionBackend, ConnectionBackend,
+use crate::backend::{Backend, BackendLookupError, Factory, SecretSource};
+use crate::crd::{AppConnection, ClusterConnectionBackend, ConnectionBackend};
+use crate::reconcile::{
+    BackendInfo, BackendKey, BackendResources, ResolvedBackend, resolve_backend,
 };
-use crate::metrics::Metrics;
-use crate::reconcile::{BackendInfo, BackendLookupError};
-
-/// Cache key: kind, namespace ("" for the cluster kind), name.
-pub(super) type BackendKey = (BackendKind, String, String);
 
 /// A Secret's namespace and name.
 type SecretKey = (String, String);
@@ -34,7 +30,7 @@ struct Built {
 /// The backend clients, shared by the connections and the backend status checks.
 pub struct Clients {
     client: Client,
-    metrics: Arc<Metrics>,
+    factory: Factory,
     built: Mutex<HashMap<BackendKey, Built>>,
     /// One build at a time: callers that need the same client together get one client, so
     /// one login (several refused logins in a row would lock an Infisical identity).
@@ -44,21 +40,11 @@ pub struct Clients {
     events: Mutex<HashMap<SecretKey, Option<String>>>,
 }
 
-/// What a client is built for: which backend, which version of it, and where its
-/// namespaced-kind Secrets live (None for the cluster kind, whose references name theirs).
-pub(super) struct BackendVersion<'a> {
-    pub key: BackendKey,
-    pub uid: String,
-    pub generation: i64,
-    pub provider: &'a BackendProvider,
-    pub secret_namespace: Option<String>,
-}
-
 impl Clients {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, factory: Factory) -> Self {
         Self {
             client,
-            metrics,
+            factory,
             built: Mutex::new(HashMap::new()),
             building: tokio::sync::Mutex::new(()),
             events: Mutex::new(HashMap::new()),
@@ -107,7 +93,7 @@ impl Clients {
     /// caller holding an older copy of the resource (its cache lags) gets the newer client.
     pub(super) async fn get(
         &self,
-        version: BackendVersion<'_>,
+        version: &ResolvedBackend,
     ) -> Result<Arc<dyn Backend>, BackendLookupError> {
         let kept = |built: &HashMap<BackendKey, Built>| {
             built
@@ -128,7 +114,7 @@ impl Clients {
             read: Mutex::default(),
             events: &self.events,
         };
-        let built = backend::build(version.provider, &secrets, self.metrics.clone()).await;
+        let built = self.factory.build(&version.provider, &secrets).await;
         let backend = match built {
             Ok(backend) => backend,
             Err(e) => {
@@ -146,9 +132,9 @@ impl Clients {
             return Ok(backend);
         }
         self.built.lock().expect("clients lock").insert(
-            version.key,
+            version.key.clone(),
             Built {
-                uid: version.uid,
+                uid: version.uid.clone(),
                 generation: version.generation,
                 secrets: read,
                 backend: backend.clone(),
@@ -159,7 +145,6 @@ impl Clients {
 }
 
 pub struct Registry {
-    builtin: Arc<dyn Backend>,
     /// One cache per watched namespace scope.
     pub backends: Vec<Store<ConnectionBackend>>,
     pub cluster_backends: Store<ClusterConnectionBackend>,
@@ -169,14 +154,12 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(
-        builtin: Arc<dyn Backend>,
         clients: Arc<Clients>,
         backends: Vec<Store<ConnectionBackend>>,
         cluster_backends: Store<ClusterConnectionBackend>,
         namespaces: Store<Namespace>,
     ) -> Self {
         Self {
-            builtin,
             backends,
             cluster_backends,
             namespaces,
@@ -184,131 +167,38 @@ impl Registry {
         }
     }
 
-    pub fn builtin(&self) -> Arc<dyn Backend> {
-        self.builtin.clone()
-    }
-
     /// The backend for a connection.
     pub async fn lookup(
         &self,
         conn: &AppConnection,
     ) -> Result<(Arc<dyn Backend>, BackendInfo), BackendLookupError> {
-        let Some(reference) = &conn.spec.backend_ref else {
-            return Ok((self.builtin.clone(), BackendInfo::builtin()));
-        };
-        let namespace = conn.namespace().unwrap_or_default();
-        let (key, uid, generation, provider, secret_namespace) = match reference.kind {
-            BackendKind::ConnectionBackend => {
-                let wanted = ObjectRef::new(&reference.name).within(&namespace);
-                let found = self
-                    .backends
-                    .iter()
-                    .find_map(|store| store.get(&wanted))
-                    .ok_or_else(|| {
-                        BackendLookupError::NotFound(format!(
-                            "ConnectionBackend {:?} not found in namespace {namespace:?}",
-                            reference.name
-                        ))
-                    })?;
-                not_ready(found.status.as_ref(), reference.kind, &reference.name)?;
-                let key = (reference.kind, namespace.clone(), reference.name.clone());
-                (
-                    key,
-                    found.uid(),
-                    found.metadata.generation,
-                    found.spec.provider.clone(),
-                    Some(namespace.clone()),
-                )
-            }
-            BackendKind::ClusterConnectionBackend => {
-                let found = self
-                    .cluster_backends
-                    .get(&ObjectRef::new(&reference.name))
-                    .ok_or_else(|| {
-                        BackendLookupError::NotFound(format!(
-                            "ClusterConnectionBackend {:?} not found",
-                            reference.name
-                        ))
-                    })?;
-                self.check_namespace_allowed(&found, &namespace)?;
-                not_ready(found.status.as_ref(), reference.kind, &reference.name)?;
-                let key = (reference.kind, String::new(), reference.name.clone());
-                (
-                    key,
-                    found.uid(),
-                    found.metadata.generation,
-                    found.spec.provider.clone(),
-                    None,
-                )
-            }
-        };
-        let info = BackendInfo {
-            kind: reference.kind.as_str().to_string(),
-            name: reference.name.clone(),
-            provider: provider.type_name().unwrap_or("unknown"),
-            default_project: provider.default_project(),
-        };
-        if provider.builtin.is_some() {
-            return Ok((self.builtin.clone(), info));
-        }
-        let backend = self
-            .clients
-            .get(BackendVersion {
-                key,
-                uid: uid.unwrap_or_default(),
-                generation: generation.unwrap_or_default(),
-                provider: &provider,
-                secret_namespace,
-            })
-            .await?;
-        Ok((backend, info))
-    }
-
-    fn check_namespace_allowed(
-        &self,
-        backend: &ClusterConnectionBackend,
-        namespace: &str,
-    ) -> Result<(), BackendLookupError> {
-        let Some(selector) = backend
-            .spec
-            .conditions
-            .as_ref()
-            .and_then(|c| c.namespace_selector.as_ref())
-        else {
-            return Ok(());
-        };
-        let labels: BTreeMap<String, String> = self
-            .namespaces
-            .get(&ObjectRef::new(namespace))
-            .map(|ns| ns.labels().clone())
-            .unwrap_or_default();
-        if super::selector::matches(selector, &labels) {
-            Ok(())
-        } else {
-            Err(BackendLookupError::NotFound(format!(
-                "ClusterConnectionBackend {:?} does not allow namespace {namespace:?} (conditions.namespaceSelector)",
-                backend.name_any()
-            )))
+        match resolve_backend(self, conn)? {
+            None => Ok((self.clients.factory.builtin(), BackendInfo::builtin())),
+            Some(resolved) => Ok((self.clients.get(&resolved).await?, resolved.info)),
         }
     }
 }
 
-/// A backend whose own check failed makes its connections wait with its message.
-fn not_ready(
-    status: Option<&crate::crd::ConnectionBackendStatus>,
-    kind: BackendKind,
-    name: &str,
-) -> Result<(), BackendLookupError> {
-    let failed = status
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .filter(|c| c.status == "False");
-    match failed {
-        Some(c) => Err(BackendLookupError::NotReady(format!(
-            "{} {name:?} is not ready: {}",
-            kind.as_str(),
-            c.message
-        ))),
-        None => Ok(()),
+impl BackendResources for Registry {
+    fn connection_backend(&self, namespace: &str, name: &str) -> Option<ConnectionBackend> {
+        let wanted = ObjectRef::new(name).within(namespace);
+        self.backends
+            .iter()
+            .find_map(|store| store.get(&wanted))
+            .map(|found| (*found).clone())
+    }
+
+    fn cluster_backend(&self, name: &str) -> Option<ClusterConnectionBackend> {
+        self.cluster_backends
+            .get(&ObjectRef::new(name))
+            .map(|found| (*found).clone())
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))
+            .map(|ns| ns.labels().clone())
+            .unwrap_or_default()
     }
 }
 
@@ -369,15 +259,14 @@ impl SecretSource for ApiSecrets<'_> {
 mod tests {
     use super::*;
     use crate::backend::infisical::{InfisicalBackend, InfisicalConfig};
-    use crate::crd::InfisicalProvider;
+    use crate::crd::{BackendKind, InfisicalProvider};
+    use crate::metrics::Metrics;
     use crate::secret::SecretString;
 
     fn clients() -> Clients {
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
-        Clients::new(
-            Client::try_from(config).unwrap(),
-            Arc::new(Metrics::default()),
-        )
+        let factory = Factory::new(infisical(), Arc::new(Metrics::default()));
+        Clients::new(Client::try_from(config).unwrap(), factory)
     }
 
     fn infisical() -> Arc<dyn Backend> {

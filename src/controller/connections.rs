@@ -17,7 +17,7 @@ use super::backends::Registry;
 use super::backoff::{Backoff, jitter};
 use super::index::RefIndex;
 use super::kube_env::KubeEnv;
-use crate::crd::AppConnection;
+use crate::crd::{AppConnection, parse_duration};
 use crate::kube_error::describe;
 use crate::metrics::{Metrics, ReadinessLabels};
 use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue};
@@ -92,31 +92,6 @@ fn refresh_interval(conn: &AppConnection, default: Duration) -> Option<Duration>
         Some("0") => None,
         Some(text) => parse_duration(text).or(Some(default)),
     }
-}
-
-/// Parses `1h30m`, `10m`, `45s`, `500ms`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        let value: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(value), 2)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(value), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_secs(value * 60), 1)
-        } else if rest.starts_with('h') {
-            (Duration::from_secs(value * 3600), 1)
-        } else {
-            return None;
-        };
-        total += unit;
-        rest = &rest[len..];
-    }
-    Some(total)
 }
 
 #[instrument(skip_all, fields(namespace = %obj.namespace().unwrap_or_default(), appconnection = %obj.name_any()))]
@@ -295,20 +270,5 @@ fn labels(ready: bool, reason: Reason) -> ReadinessLabels {
     ReadinessLabels {
         ready: if ready { "true" } else { "false" },
         reason: reason.as_str(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("10x"), None);
-        assert_eq!(parse_duration("m"), None);
     }
 }

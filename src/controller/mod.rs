@@ -9,7 +9,7 @@ mod kube_env;
 pub mod leader;
 pub mod operator;
 mod run;
-mod selector;
 
-pub use connections::{Context, parse_duration};
+pub use crate::crd::parse_duration;
+pub use connections::Context;
 pub use run::{ControllerConfig, run_controllers, wait_for_crds};

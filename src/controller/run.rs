@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::backends::{Clients, Registry};
 use super::connections::{self, Context};
 use super::index::RefIndex;
-use crate::backend::Backend;
+use crate::backend::{Backend, Factory};
 use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
 use crate::keys::HashKey;
 use crate::kube_error::{describe, describe_controller, describe_watch};
@@ -103,7 +103,8 @@ pub async fn run_controllers(
     let (namespace_store, task) = cache(Api::<Namespace>::all(client.clone()), None);
     cache_tasks.push(task);
     drop(backend_tx);
-    let clients = Arc::new(Clients::new(client.clone(), config.metrics.clone()));
+    let factory = Factory::new(config.builtin.clone(), config.metrics.clone());
+    let clients = Arc::new(Clients::new(client.clone(), factory));
     // Touched Secrets, from the one Secret watch per scope below, for the backend checks.
     let (backend_secrets, backend_secrets_rx) = mpsc::unbounded_channel();
     // The backends' own Ready condition (auth + health check), which the Registry heeds.
@@ -113,7 +114,6 @@ pub async fn run_controllers(
             clients.clone(),
             scopes.clone(),
             backend_secrets_rx,
-            config.metrics.clone(),
             shutdown.clone(),
         )
         .boxed(),
@@ -127,7 +127,6 @@ pub async fn run_controllers(
         client: client.clone(),
         reconciler: Reconciler::new(config.hash_key.clone()),
         registry: Registry::new(
-            config.builtin.clone(),
             clients,
             backend_stores.clone(),
             cluster_store.clone(),

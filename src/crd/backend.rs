@@ -4,11 +4,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::SecretValueSource;
+use super::provider::ONE_PROVIDER_MESSAGE;
 
 // `namespace` is a CEL reserved word: the API server exposes such a property as `__namespace__`.
 const ONE_PROVIDER: &str = "[has(self.builtin), has(self.infisical), has(self.credible), has(self.matillion)].filter(x, x).size() == 1";
-const ONE_PROVIDER_MESSAGE: &str =
-    "exactly one provider block is required: builtin, infisical, credible or matillion";
 
 /// A connection backend that AppConnections in the same namespace can use. Its auth Secrets are
 /// read from its own namespace.
@@ -213,34 +212,4 @@ pub struct ConnectionBackendStatus {
     /// `Ready` and its reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-}
-
-impl BackendProvider {
-    /// The project connections use when they name none.
-    pub fn default_project(&self) -> Option<String> {
-        if let Some(infisical) = &self.infisical {
-            return infisical.project_id.clone();
-        }
-        if let Some(credible) = &self.credible {
-            return Some(credible.project.clone());
-        }
-        self.matillion.as_ref().map(|m| m.project_id.clone())
-    }
-
-    /// The provider type name, or None when no block (or several) is set.
-    pub fn type_name(&self) -> Option<&'static str> {
-        let set: Vec<&'static str> = [
-            self.builtin.as_ref().map(|_| "builtin"),
-            self.infisical.as_ref().map(|_| "infisical"),
-            self.credible.as_ref().map(|_| "credible"),
-            self.matillion.as_ref().map(|_| "matillion"),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        match set.as_slice() {
-            [one] => Some(one),
-            _ => None,
-        }
-    }
 }

@@ -2,11 +2,17 @@
 
 mod backend;
 mod connection;
+mod provider;
+mod reason;
+mod schedule;
 mod selector;
 pub mod validate;
 
 pub use backend::*;
 pub use connection::*;
+pub use provider::{Provider, ProviderType};
+pub use reason::Reason;
+pub use schedule::{RotationSchedule, parse_duration};
 pub use selector::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

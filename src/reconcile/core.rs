@@ -12,40 +12,14 @@ use super::Reason;
 use super::plan::{self, Action, BackendInfo};
 use super::resolve::{self, SecretData};
 use super::status::{self, Observation};
-use crate::backend::{Backend, BackendError, Desired, Remote, RemoteRotation};
-use crate::crd::{AppConnection, AppConnectionStatus, DeletionPolicy, FINALIZER};
+use crate::backend::{Backend, BackendError, BackendLookupError, Desired, Remote, RemoteRotation};
+use crate::crd::{AppConnection, AppConnectionStatus, DeletionPolicy, FINALIZER, ProviderType};
 use crate::keys::HashKey;
 
 /// A failure of the environment itself (API server unreachable, conflict): always transient.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct EnvError(pub String);
-
-/// Why no backend could be used for a connection.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BackendLookupError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    NotReady(String),
-    /// The backend resource itself is unusable as written (a bad URL or CA bundle).
-    #[error("{0}")]
-    InvalidSpec(String),
-    /// Transient: retried with backoff.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-impl BackendLookupError {
-    pub fn reason(&self) -> Reason {
-        match self {
-            BackendLookupError::NotFound(_) => Reason::BackendNotFound,
-            BackendLookupError::NotReady(_) => Reason::BackendNotReady,
-            BackendLookupError::InvalidSpec(_) => Reason::InvalidSpec,
-            BackendLookupError::Unavailable(_) => Reason::BackendUnavailable,
-        }
-    }
-}
 
 /// Kubernetes Event type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -808,7 +782,7 @@ fn rotation_problem(rotation: Option<&RemoteRotation>) -> Option<(Reason, String
 }
 
 fn synced_message(info: &BackendInfo) -> String {
-    if info.provider == "builtin" {
+    if info.provider == ProviderType::Builtin {
         "connection is in the built-in store".to_string()
     } else {
         format!("connection is synced to {} {}", info.kind, info.name)

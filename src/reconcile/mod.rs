@@ -2,14 +2,16 @@
 //! `core` carries a plan out through a backend and the driver's environment.
 
 mod core;
+mod labels;
+pub mod lookup;
 pub mod plan;
-mod reason;
 pub mod resolve;
 pub mod status;
 
 pub use self::core::{
-    BackendLookupError, EnvError, Environment, Event, EventType, Options, Outcome, Reconciler,
-    Requeue,
+    EnvError, Environment, Event, EventType, Options, Outcome, Reconciler, Requeue,
 };
+pub use crate::backend::BackendLookupError;
+pub use crate::crd::Reason;
+pub use lookup::{BackendKey, BackendResources, ResolvedBackend, resolve_backend};
 pub use plan::{Action, BackendInfo};
-pub use reason::Reason;

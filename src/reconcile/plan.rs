@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::Reason;
 use crate::backend::{Desired, RotationSchedule, Target};
-use crate::crd::{AppConnection, CREATE_PENDING};
+use crate::crd::{AppConnection, CREATE_PENDING, ProviderType};
 use crate::keys::HashKey;
 use crate::secret::Credentials;
 
@@ -17,8 +17,7 @@ pub struct BackendInfo {
     /// `ConnectionBackend`, `ClusterConnectionBackend` or `Builtin`.
     pub kind: String,
     pub name: String,
-    /// `builtin`, `infisical`, `credible`, `matillion`.
-    pub provider: &'static str,
+    pub provider: ProviderType,
     /// Project used when the AppConnection sets none.
     pub default_project: Option<String>,
 }
@@ -29,7 +28,7 @@ impl BackendInfo {
         Self {
             kind: "Builtin".into(),
             name: "builtin".into(),
-            provider: "builtin",
+            provider: ProviderType::Builtin,
             default_project: None,
         }
     }

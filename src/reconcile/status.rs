@@ -38,7 +38,7 @@ pub fn next_status(
         status.backend = Some(BackendStatusRef {
             kind: info.kind.clone(),
             name: info.name.clone(),
-            type_: info.provider.to_string(),
+            type_: info.provider.as_str().to_string(),
         });
     }
     if let Some(remote) = &obs.remote {

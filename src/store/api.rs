@@ -34,8 +34,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{RecordSummary, RotationState, StoreEngine, StoreError};
-use crate::backend::RotationSchedule;
 use crate::crd::GROUP;
+use crate::crd::RotationSchedule;
 use crate::secret::SecretString;
 
 /// The resource whose RBAC rules guard the API.

@@ -18,7 +18,7 @@ use jiff::{Timestamp, ToSpan};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backend::RotationSchedule;
+use crate::crd::RotationSchedule;
 use crate::secret::Credentials;
 
 pub use sqlite::SqliteStore;

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::crypto::{OpenError, Vault, record_context};
 use super::{NewRecord, Record, RecordSummary, RotationState, StoreEngine, StoreError};
-use crate::backend::RotationSchedule;
+use crate::crd::RotationSchedule;
 use crate::keys::{StoreKeys, describe_io};
 use crate::secret::Credentials;
 

@@ -4,10 +4,10 @@
 //! per project across all apps, responses never carry secret fields, and `credentialsHash`
 //! changes on every write that carries credentials (so it is reported, never compared).
 //!
-//! `client` holds auth and HTTP, `mapping` the pure spec → body and response → [`Remote`]
-//! translation.
+//! `auth` is the login as a token source of the shared client, `mapping` the pure spec → body
+//! and response → [`Remote`] translation.
 
-mod client;
+mod auth;
 mod mapping;
 
 use std::collections::BTreeMap;
@@ -19,10 +19,11 @@ use reqwest::{Method, StatusCode, Url};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use self::client::{Client, ClientConfig, Failure, Redactor};
-use super::http::Timeouts;
-use super::{Backend, BackendError, Desired, Remote, Target};
-use crate::crd::{InfisicalProvider, RateLimit};
+use self::auth::UniversalAuth;
+use super::client::{Body, Client, ClientConfig, Redactor, Reply};
+use super::http::{self, Timeouts};
+use super::{Backend, BackendError, Desired, Remote, Target, ratelimit};
+use crate::crd::{InfisicalProvider, ProviderType, RateLimit};
 use crate::metrics::Metrics;
 use crate::secret::SecretString;
 
@@ -106,30 +107,22 @@ pub struct InfisicalBackend {
 impl InfisicalBackend {
     /// Builds the client; no request is made until the first operation.
     pub fn new(config: InfisicalConfig, metrics: Arc<Metrics>) -> Result<Self, BackendError> {
-        let base = Url::parse(config.url.trim())
-            .ok()
-            .filter(|url| matches!(url.scheme(), "http" | "https") && !url.cannot_be_a_base())
-            .ok_or_else(|| BackendError::InvalidSpec {
-                message: format!("infisical.url {:?} is not an http(s) URL", config.url),
-            })?;
-        let (rps, burst) = match config.rate_limit {
-            Some(limit) => {
-                let rps = limit.requests_per_second.clamp(1, 10_000) as u32;
-                (rps, limit.burst.map_or(rps, |b| b.clamp(1, 10_000) as u32))
-            }
-            None => (DEFAULT_RPS, DEFAULT_BURST),
-        };
+        let base = http::base_url("infisical.url", &config.url)?;
+        let (rps, burst) = ratelimit::rate(config.rate_limit, (DEFAULT_RPS, DEFAULT_BURST));
         let client = Client::new(
-            ClientConfig {
+            ProviderType::Infisical,
+            &ClientConfig {
                 base,
-                client_id: config.client_id,
-                client_secret: config.client_secret,
                 ca_bundle: config.ca_bundle,
                 rps,
                 burst,
                 timeouts: config.timeouts,
-                login_cooldown: config.login_cooldown,
+                grant_cooldown: config.login_cooldown,
             },
+            Some(Box::new(UniversalAuth {
+                client_id: config.client_id,
+                client_secret: config.client_secret,
+            })),
             metrics,
         )?;
         Ok(Self {
@@ -139,9 +132,21 @@ impl InfisicalBackend {
         })
     }
 
+    /// The rules of an `infisical` block that need no Secret: the URL and the CA bundle.
+    pub fn check_spec(provider: &InfisicalProvider) -> Result<(), BackendError> {
+        http::base_url("infisical.url", &provider.url)?;
+        http::client(Timeouts::default(), provider.ca_bundle.as_deref()).map(|_| ())
+    }
+
     /// The target's project, else the backend's default; none means organisation-level.
     fn project<'a>(&'a self, target: &'a Target) -> Option<&'a str> {
         target.project.as_deref().or(self.project_id.as_deref())
+    }
+
+    /// The failure an answer no operation claimed stands for, its message redacted.
+    fn error(&self, reply: &Reply, redact: &Redactor<'_>) -> BackendError {
+        let message = self.client.redact(redact, message(reply));
+        self.client.error(reply, message)
     }
 
     /// One connection read by `GET url`; 404 means there is none.
@@ -150,23 +155,34 @@ impl InfisicalBackend {
         op: &'static str,
         url: Url,
     ) -> Result<Option<Remote>, BackendError> {
-        match self
-            .client
-            .call(op, Method::GET, url, None, &Redactor::none())
-            .await
-        {
-            Ok(body) => mapping::remote(&body).map(Some),
-            Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => Ok(None),
-            Err(err) => Err(err.into()),
+        let reply = self.client.call(op, Method::GET, url, None).await?;
+        match reply.status {
+            status if status.is_success() => {
+                mapping::remote(&reply.json("Infisical", op)?).map(Some)
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(self.error(&reply, &Redactor::none())),
         }
     }
 
     fn connection_url(&self, target: &Target, id: &str) -> Url {
         self.client
-            .url(&["api", "v1", "app-connections", &target.app, id], None)
+            .url(&["api", "v1", "app-connections", &target.app, id], &[])
+    }
+
+    /// `GET /api/v1/app-connections/options`: the catalogue, or None where there is no route.
+    async fn fetch_options(&self) -> Result<Option<BTreeMap<String, Vec<String>>>, BackendError> {
+        let url = self
+            .client
+            .url(&["api", "v1", "app-connections", "options"], &[]);
+        let reply = self.client.call("options", Method::GET, url, None).await?;
+        match reply.status {
+            status if status.is_success() => {
+                Ok(Some(mapping::options(&reply.json("Infisical", "options")?)))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(self.error(&reply, &Redactor::none())),
+        }
     }
 
     /// `InvalidSpec` when the server does not offer the app or its method. The catalogue is
@@ -178,36 +194,21 @@ impl InfisicalBackend {
             .as_ref()
             .is_none_or(|c| c.fetched.elapsed() >= OPTIONS_TTL)
         {
-            let url = self
-                .client
-                .url(&["api", "v1", "app-connections", "options"], None);
             let fetched = Instant::now();
-            match self
-                .client
-                .call("options", Method::GET, url, None, &Redactor::none())
-                .await
-            {
-                Ok(body) => {
-                    *cache = Some(OptionsCache {
-                        fetched,
-                        apps: Some(mapping::options(&body)),
-                    })
-                }
-                Err(Failure::Status {
-                    status: StatusCode::NOT_FOUND,
-                    ..
-                }) => {
-                    tracing::debug!("Infisical has no /options route; app and method unchecked");
-                    *cache = Some(OptionsCache {
-                        fetched,
-                        apps: None,
-                    });
+            match self.fetch_options().await {
+                Ok(apps) => {
+                    if apps.is_none() {
+                        tracing::debug!(
+                            "Infisical has no /options route; app and method unchecked"
+                        );
+                    }
+                    *cache = Some(OptionsCache { fetched, apps });
                 }
                 // A stale catalogue is better than none while the server is unwell.
                 Err(err) if cache.is_some() => {
-                    tracing::debug!(error = %BackendError::from(err), "keeping the old catalogue");
+                    tracing::debug!(error = %err, "keeping the old catalogue");
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
         }
         match cache.as_ref().and_then(|c| c.apps.as_ref()) {
@@ -217,10 +218,27 @@ impl InfisicalBackend {
     }
 }
 
+/// The server's `message` (422 issue arrays joined), else the status line.
+fn message(reply: &Reply) -> String {
+    reply
+        .json_body()
+        .as_ref()
+        .and_then(mapping::error_message)
+        .unwrap_or_else(|| {
+            format!(
+                "HTTP {} {}",
+                reply.status.as_u16(),
+                reply.status.canonical_reason().unwrap_or("")
+            )
+            .trim_end()
+            .to_string()
+        })
+}
+
 #[async_trait]
 impl Backend for InfisicalBackend {
-    fn provider(&self) -> &'static str {
-        "infisical"
+    fn provider(&self) -> ProviderType {
+        ProviderType::Infisical
     }
 
     /// Name rules and method presence. The app/method check needs the server's catalogue and
@@ -232,23 +250,25 @@ impl Backend for InfisicalBackend {
     /// A real login (or a valid cached token) plus `GET /api/status`.
     async fn check(&self) -> Result<(), BackendError> {
         self.client.bearer().await?;
-        self.client.status().await?;
+        let url = self.client.url(&["api", "status"], &[]);
+        let reply = self
+            .client
+            .http()
+            .send("status", Method::GET, url, None, None)
+            .await?;
+        if !reply.status.is_success() {
+            return Err(self.error(&reply, &Redactor::none()));
+        }
         // /api/status needs no token: an authenticated read proves the identity still works
-        // (a revoked token is renewed once, then reported). A server without the route is fine.
+        // (a revoked token is replaced once, then reported). A server without the route is fine.
         let url = self
             .client
-            .url(&["api", "v1", "app-connections", "options"], None);
-        match self
-            .client
-            .call("check", Method::GET, url, None, &Redactor::none())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => Ok(()),
-            Err(err) => Err(err.into()),
+            .url(&["api", "v1", "app-connections", "options"], &[]);
+        let reply = self.client.call("check", Method::GET, url, None).await?;
+        match reply.status {
+            status if status.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(self.error(&reply, &Redactor::none())),
         }
     }
 
@@ -259,7 +279,11 @@ impl Backend for InfisicalBackend {
 
     async fn find(&self, target: &Target) -> Result<Option<Remote>, BackendError> {
         let name = mapping::connection_name(target)?;
-        let query = self.project(target).map(|project| ("projectId", project));
+        let query: Vec<(&str, &str)> = self
+            .project(target)
+            .map(|project| ("projectId", project))
+            .into_iter()
+            .collect();
         let url = self.client.url(
             &[
                 "api",
@@ -269,7 +293,7 @@ impl Backend for InfisicalBackend {
                 "connection-name",
                 name,
             ],
-            query,
+            &query,
         );
         self.read_connection("find", url).await
     }
@@ -282,31 +306,32 @@ impl Backend for InfisicalBackend {
         let body = mapping::create_body(desired, self.project(target))?;
         let url = self
             .client
-            .url(&["api", "v1", "app-connections", &target.app], None);
+            .url(&["api", "v1", "app-connections", &target.app], &[]);
         let redact = Redactor::credentials(&desired.credentials);
-        match self
+        let reply = self
             .client
-            .call("create", Method::POST, url, Some(&body), &redact)
-            .await
-        {
-            Ok(body) => mapping::remote(&body),
+            .call("create", Method::POST, url, Some(Body::Json(&body)))
+            .await?;
+        drop(body);
+        match reply.status {
+            status if status.is_success() => mapping::remote(&reply.json("Infisical", "create")?),
             // "An App Connection with the name \"x\" already exists"
-            Err(Failure::Status {
-                status: StatusCode::BAD_REQUEST,
-                message,
-            }) if message.contains("already exists") && message.contains(name) => {
+            StatusCode::BAD_REQUEST
+                if message(&reply).contains("already exists") && message(&reply).contains(name) =>
+            {
                 Err(BackendError::AlreadyExists {
                     name: name.to_owned(),
                 })
             }
             // Only a server without `/options` gets this far with an app it does not know.
-            Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                message,
-            }) => Err(BackendError::Rejected {
-                message: format!("Infisical has no route for app {:?}: {message}", target.app),
+            StatusCode::NOT_FOUND => Err(BackendError::Rejected {
+                message: format!(
+                    "Infisical has no route for app {:?}: {}",
+                    target.app,
+                    self.client.redact(&redact, message(&reply))
+                ),
             }),
-            Err(err) => Err(err.into()),
+            _ => Err(self.error(&reply, &redact)),
         }
     }
 
@@ -316,33 +341,28 @@ impl Backend for InfisicalBackend {
         let body = mapping::update_body(desired);
         let url = self.connection_url(&desired.target, id);
         let redact = Redactor::credentials(&desired.credentials);
-        match self
+        let reply = self
             .client
-            .call("update", Method::PATCH, url, Some(&body), &redact)
-            .await
-        {
-            Ok(body) => mapping::remote(&body),
-            Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => Err(BackendError::NotFound),
-            Err(err) => Err(err.into()),
+            .call("update", Method::PATCH, url, Some(Body::Json(&body)))
+            .await?;
+        drop(body);
+        match reply.status {
+            status if status.is_success() => mapping::remote(&reply.json("Infisical", "update")?),
+            StatusCode::NOT_FOUND => Err(BackendError::NotFound),
+            _ => Err(self.error(&reply, &redact)),
         }
     }
 
     async fn delete(&self, id: &str, target: &Target) -> Result<(), BackendError> {
         let url = self.connection_url(target, id);
-        match self
+        let reply = self
             .client
-            .call("delete", Method::DELETE, url, None, &Redactor::none())
-            .await
-        {
-            Ok(_)
-            | Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => Ok(()),
-            Err(err) => Err(err.into()),
+            .call("delete", Method::DELETE, url, None)
+            .await?;
+        match reply.status {
+            status if status.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(self.error(&reply, &Redactor::none())),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Label selector matching for `ClusterConnectionBackend.spec.conditions.namespaceSelector`.
+//! Label selector matching, for a `ClusterConnectionBackend`'s `conditions.namespaceSelector`.
 
 use std::collections::BTreeMap;
 
