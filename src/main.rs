@@ -40,6 +40,21 @@ impl StoreArgs {
     }
 }
 
+/// What `apply` and `delete` read and print.
+#[derive(clap::Args)]
+struct FileArgs {
+    /// A manifest file, or a directory read recursively.
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print the plan (create/update/noop/delete per connection) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Format,
+}
+
 /// Flags of `appconn run`; each has an environment variable too.
 #[derive(clap::Args)]
 struct RunArgs {
@@ -98,30 +113,16 @@ enum Command {
     /// Reconcile AppConnection, ConnectionBackend and Secret manifests from files, with no
     /// cluster, and print each connection's resulting status.
     Apply {
-        /// A manifest file, or a directory read recursively.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
         #[command(flatten)]
-        store: StoreArgs,
-        /// Print the plan (create/update/noop/delete per connection) and change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        files: FileArgs,
         /// Also read every backend object to catch drift, even where nothing changed.
         #[arg(long)]
         verify: bool,
-        #[arg(short = 'o', long, value_enum, default_value = "table")]
-        output: Format,
     },
     /// Delete the AppConnections named in the files, honouring their deletionPolicy.
     Delete {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
         #[command(flatten)]
-        store: StoreArgs,
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(short = 'o', long, value_enum, default_value = "table")]
-        output: Format,
+        files: FileArgs,
     },
     /// Show applied connections and their status (never a secret value).
     Get {
@@ -170,28 +171,17 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run(args) => run_operator(*args).await,
-        Command::Apply {
-            file,
-            store,
-            dry_run,
-            verify,
-            output,
-        } => {
-            let report = cli::apply(&file, &store.options(), dry_run, verify)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(print_report(&report, output))
+        Command::Apply { files, verify } => {
+            let store = files.store.options();
+            let result = cli::apply(&files.file, &store, files.dry_run, verify).await;
+            report(result, files.output)
         }
-        Command::Delete {
-            file,
-            store,
-            dry_run,
-            output,
-        } => {
-            let report = cli::delete(&file, &store.options(), dry_run)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(print_report(&report, output))
+        Command::Delete { files } => {
+            let store = files.store.options();
+            report(
+                cli::delete(&files.file, &store, files.dry_run).await,
+                files.output,
+            )
         }
         Command::Get {
             name,
@@ -335,10 +325,12 @@ fn shutdown_signal() -> std::io::Result<Shared<BoxFuture<'static, ()>>> {
     .shared())
 }
 
-fn print_report(report: &cli::Report, format: Format) -> ExitCode {
+/// Prints what `apply` or `delete` did; the exit code says whether every connection is Ready.
+fn report(result: Result<cli::Report, cli::CliError>, format: Format) -> Result<ExitCode, String> {
+    let report = result.map_err(|e| e.to_string())?;
     for skipped in &report.skipped {
         eprintln!("warning: {skipped}");
     }
     print!("{}", output::render(&report.rows, format));
-    ExitCode::from(report.exit_code() as u8)
+    Ok(ExitCode::from(report.exit_code() as u8))
 }

@@ -14,8 +14,9 @@ use crate::crd::Reason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
-    /// `ok`, `error`, `noop`.
+    /// `ok`, `error`, `noop`, or `api-error` when the Kubernetes API failed the reconcile.
     pub result: &'static str,
+    /// A condition reason; empty for `api-error`, which is about no backend and no spec.
     pub reason: &'static str,
 }
 
@@ -122,6 +123,18 @@ impl Metrics {
             .get_or_create(&ReconcileLabels {
                 result,
                 reason: reason.as_str(),
+            })
+            .inc();
+        self.reconcile_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A reconcile the Kubernetes API failed (a write refused, the server unreachable): an
+    /// outage of the API is not a backend's.
+    pub fn observe_api_error(&self, elapsed: Duration) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                result: "api-error",
+                reason: "",
             })
             .inc();
         self.reconcile_duration.observe(elapsed.as_secs_f64());

@@ -270,6 +270,36 @@ async fn update_sends_the_full_credentials_settings_and_no_immutable_fields() {
 }
 
 #[tokio::test]
+async fn a_setting_dropped_from_the_spec_is_unset_at_infisical() {
+    let fake = fake().await;
+    let backend = backend(config(&fake));
+    let mut desired = mssql("warehouse", "first-password");
+    desired.settings.insert("gatewayId".into(), json!("gw-1"));
+    let created = backend.create(&desired).await.unwrap();
+    assert_eq!(fake.stored(&created.id).unwrap()["gatewayId"], "gw-1");
+
+    desired.settings.remove("gatewayId");
+    backend.update(&created.id, &desired).await.unwrap();
+    assert_eq!(
+        fake.stored(&created.id).unwrap()["gatewayId"],
+        Value::Null,
+        "the PATCH merges: the dropped gateway was sent as null"
+    );
+    // Nothing left to clear: the next update sends no gatewayId (an app without gateways
+    // refuses the field).
+    let other = databricks("lakehouse", "s3cret-value");
+    let created = backend.create(&other).await.unwrap();
+    backend
+        .update(
+            &created.id,
+            &with_credential(&other, "clientSecret", json!("s3cret-2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fake.count("PATCH", CONNECTIONS), 2);
+}
+
+#[tokio::test]
 async fn a_taken_name_is_already_exists_whichever_app_took_it() {
     let fake = fake().await;
     let backend = backend(config(&fake));

@@ -307,7 +307,7 @@ mod tests {
                     .contains("1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'"),
                 "{err}"
             );
-            assert_eq!(err.reason(), crate::reconcile::Reason::InvalidSpec);
+            assert_eq!(err.reason(), crate::crd::Reason::InvalidSpec);
         }
     }
 
@@ -519,7 +519,7 @@ mod tests {
         f.store.close().await;
         let err = f.backend.check().await.unwrap_err();
         assert!(err.is_transient(), "{err:?}");
-        assert_eq!(err.reason(), crate::reconcile::Reason::BackendUnavailable);
+        assert_eq!(err.reason(), crate::crd::Reason::BackendUnavailable);
         let err = f.backend.find(&target("ns", "x")).await.unwrap_err();
         assert!(matches!(err, BackendError::Unavailable { .. }), "{err:?}");
     }

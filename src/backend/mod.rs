@@ -73,6 +73,14 @@ pub struct Remote {
     pub rotation: Option<RemoteRotation>,
 }
 
+/// The verdict of a connection test.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionTest {
+    pub ok: bool,
+    /// The backend's message when the test failed, redacted.
+    pub message: String,
+}
+
 /// A failed backend call, classified for the condition reason and the retry policy.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -180,5 +188,22 @@ pub trait Backend: Send + Sync {
     /// that moved is recorded, never overwritten.
     fn rotates_itself(&self, _desired: &Desired) -> bool {
         false
+    }
+
+    /// For a backend that keeps no hash of its own: whether the content it returned (`remote`,
+    /// read by `get`) differs from what appconn would write, ignoring what the backend does
+    /// not show (secrets a server strips). None: compare the backend's hash with the one
+    /// recorded at the last write.
+    fn content_differs(&self, _desired: &Desired, _remote: &Remote) -> Option<bool> {
+        None
+    }
+
+    /// Tests a connection after it was written, where the backend can (Credible has a test
+    /// endpoint; Infisical validates on every write): None when it cannot.
+    async fn test_connection(
+        &self,
+        _desired: &Desired,
+    ) -> Result<Option<ConnectionTest>, BackendError> {
+        Ok(None)
     }
 }

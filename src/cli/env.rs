@@ -161,7 +161,7 @@ impl CliEnv<'_> {
         self.store
             .save_state(&key, &value)
             .await
-            .map_err(|e| EnvError(e.to_string()))
+            .map_err(|e| EnvError::from_source(format!("saving {key} in the store"), e))
     }
 }
 
@@ -236,7 +236,7 @@ impl Environment for CliEnv<'_> {
         self.store
             .delete_state(&key)
             .await
-            .map_err(|e| EnvError(e.to_string()))
+            .map_err(|e| EnvError::from_source(format!("removing {key} from the store"), e))
     }
 
     async fn write_status(

@@ -79,6 +79,72 @@ pub async fn apply(
     dry_run: bool,
     verify: bool,
 ) -> Result<Report, CliError> {
+    let opts = Options {
+        verify,
+        dry_run,
+        now: Timestamp::now(),
+        refresh: None,
+    };
+    each_connection(path, store, |conn, prior| {
+        let (namespace, name) = ids(conn);
+        if let Some(prior) = &prior
+            && let Err(errors) = immutable_check(conn, prior)
+        {
+            return Err(Box::new(Row::refused(
+                &namespace,
+                &name,
+                Reason::InvalidSpec,
+                errors,
+            )));
+        }
+        let spec = serde_json::to_value(&conn.spec).expect("spec serializes");
+        let mut state = prior.unwrap_or_default();
+        if state.spec != spec {
+            state.generation += 1;
+            state.spec = spec;
+        }
+        Ok((state.object(conn.clone()), state, opts))
+    })
+    .await
+}
+
+/// `appconn delete -f PATH`: runs the deletion path of the core for each AppConnection.
+pub async fn delete(path: &Path, store: &StoreOptions, dry_run: bool) -> Result<Report, CliError> {
+    let now = Timestamp::now();
+    let opts = Options {
+        verify: false,
+        dry_run,
+        now,
+        refresh: None,
+    };
+    each_connection(path, store, |conn, prior| {
+        let (namespace, name) = ids(conn);
+        let Some(state) = prior else {
+            return Err(Box::new(Row::refused(
+                &namespace,
+                &name,
+                Reason::InvalidSpec,
+                "not found: it was never applied to this store".into(),
+            )));
+        };
+        let mut object = state.object(conn.clone());
+        object.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        Ok((object, state, opts))
+    })
+    .await
+}
+
+/// What to reconcile for one AppConnection of the files, from what was recorded of it: the
+/// object as the core sees it, its state to keep, the options; or a row refusing it.
+type Prepared = Result<(AppConnection, ResourceState, Options), Box<Row>>;
+
+/// Reconciles every AppConnection of the files as `prepare` says, and reports each.
+async fn each_connection(
+    path: &Path,
+    store: &StoreOptions,
+    prepare: impl Fn(&AppConnection, Option<ResourceState>) -> Prepared,
+) -> Result<Report, CliError> {
     let manifests = manifests::load(path)?;
     let (keys, engine) = store.open().await?;
     let before = engine.write_count();
@@ -89,69 +155,14 @@ pub async fn apply(
         let (namespace, name) = ids(conn);
         let key = state_key(&namespace, &name);
         let prior = load_state(engine.as_ref(), &key).await?;
-        let spec = serde_json::to_value(&conn.spec).expect("spec serializes");
-        if let Some(prior) = &prior
-            && let Err(errors) = immutable_check(conn, prior)
-        {
-            rows.push(Row::refused(&namespace, &name, Reason::InvalidSpec, errors));
-            continue;
-        }
-        let mut state = prior.unwrap_or_default();
-        if state.spec != spec {
-            state.generation += 1;
-            state.spec = spec;
-        }
-        let object = state.object(conn.clone());
+        let (object, state, opts) = match prepare(conn, prior) {
+            Ok(prepared) => prepared,
+            Err(refused) => {
+                rows.push(*refused);
+                continue;
+            }
+        };
         env.states.lock().expect("state lock").insert(key, state);
-        let opts = Options {
-            verify,
-            dry_run,
-            now: Timestamp::now(),
-            refresh: None,
-        };
-        match reconciler.reconcile(&env, &object, opts).await {
-            Ok(outcome) => rows.push(Row::from_outcome(&namespace, &name, &outcome)),
-            Err(e) => return Err(CliError::Store(e.to_string())),
-        }
-    }
-    Ok(Report {
-        rows,
-        skipped: manifests.skipped.clone(),
-        store_writes: engine.write_count() - before,
-    })
-}
-
-/// `appconn delete -f PATH`: runs the deletion path of the core for each AppConnection.
-pub async fn delete(path: &Path, store: &StoreOptions, dry_run: bool) -> Result<Report, CliError> {
-    let manifests = manifests::load(path)?;
-    let (keys, engine) = store.open().await?;
-    let before = engine.write_count();
-    let env = CliEnv::new(engine.clone(), &manifests);
-    let reconciler = Reconciler::new(Arc::new(keys.hash_key.clone()));
-    let mut rows = rejected_rows(&manifests);
-    for conn in &manifests.connections {
-        let (namespace, name) = ids(conn);
-        let key = state_key(&namespace, &name);
-        let Some(state) = load_state(engine.as_ref(), &key).await? else {
-            rows.push(Row::refused(
-                &namespace,
-                &name,
-                Reason::InvalidSpec,
-                "not found: it was never applied to this store".into(),
-            ));
-            continue;
-        };
-        let mut object = state.object(conn.clone());
-        object.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
-        );
-        env.states.lock().expect("state lock").insert(key, state);
-        let opts = Options {
-            verify: false,
-            dry_run,
-            now: Timestamp::now(),
-            refresh: None,
-        };
         match reconciler.reconcile(&env, &object, opts).await {
             Ok(outcome) => rows.push(Row::from_outcome(&namespace, &name, &outcome)),
             Err(e) => return Err(CliError::Store(e.to_string())),

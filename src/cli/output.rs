@@ -35,11 +35,11 @@ pub struct Row {
 
 impl Row {
     pub fn from_outcome(namespace: &str, name: &str, outcome: &Outcome) -> Self {
-        let deleted = matches!(outcome.action, "delete" | "release");
+        let deleted = outcome.action.released();
         Row {
             namespace: namespace.into(),
             name: name.into(),
-            action: outcome.action.into(),
+            action: outcome.action.as_str().into(),
             ready: outcome.ready,
             reason: outcome.reason.as_str().into(),
             message: outcome.message.clone(),

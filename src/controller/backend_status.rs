@@ -284,19 +284,10 @@ async fn reconcile<K: BackendResource>(
     obj: Arc<DeserializeGuard<K>>,
     ctx: Arc<StatusContext>,
 ) -> Result<Action, Error> {
-    let cached = match &obj.0 {
-        Ok(backend) => backend,
-        Err(invalid) => {
-            super::connections::report_unreadable(
-                &ctx.recorder,
-                &*obj,
-                K::KIND.as_str(),
-                "Check",
-                invalid,
-            )
-            .await;
-            return Ok(Action::await_change());
-        }
+    let Some(cached) =
+        super::connections::readable(&ctx.recorder, &obj, K::KIND.as_str(), "Check").await
+    else {
+        return Ok(Action::await_change());
     };
     let Some(backend) = ctx.latest(cached).await? else {
         return Ok(Action::await_change());

@@ -12,6 +12,7 @@ use kube::{Client, ResourceExt};
 
 use crate::backend::{Backend, BackendLookupError, Factory, SecretSource};
 use crate::crd::{AppConnection, ClusterConnectionBackend, ConnectionBackend};
+use crate::kube_error::describe;
 use crate::reconcile::{
     BackendInfo, BackendKey, BackendResources, ResolvedBackend, resolve_backend,
 };
@@ -244,7 +245,9 @@ impl SecretSource for ApiSecrets<'_> {
             .lock()
             .expect("events lock")
             .insert((namespace.to_string(), name.to_string()), None);
-        let read = super::kube_env::read_secret_version(&self.client, namespace, name).await?;
+        let read = super::kube_env::read_secret_version(&self.client, namespace, name)
+            .await
+            .map_err(|e| format!("reading Secret {namespace}/{name}: {}", describe(&e)))?;
         let (data, version) = read.map_or((None, None), |(data, v)| (Some(data), v));
         self.read.lock().expect("read lock").push(SecretVersion {
             namespace: namespace.to_string(),

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use kube::core::DeserializeGuard;
-use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -20,7 +19,7 @@ use super::kube_env::KubeEnv;
 use crate::crd::{AppConnection, parse_duration};
 use crate::kube_error::describe;
 use crate::metrics::{Metrics, ReadinessLabels};
-use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue};
+use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue, Verb};
 
 /// Shared by every reconcile; built once.
 pub struct Context {
@@ -67,10 +66,9 @@ impl Context {
         }
         let api: kube::Api<AppConnection> =
             kube::Api::namespaced(self.client.clone(), &cached.namespace().unwrap_or_default());
-        let latest = api
-            .get_opt(&cached.name_any())
-            .await
-            .map_err(|e| EnvError(format!("reading {}: {}", cached.name_any(), describe(&e))))?;
+        let latest = api.get_opt(&cached.name_any()).await.map_err(|e| {
+            EnvError::new(format!("reading {}", cached.name_any()), describe(&e), e)
+        })?;
         match &latest {
             Some(latest) => self.saw(latest),
             None => {
@@ -99,12 +97,8 @@ pub async fn reconcile(
     obj: Arc<DeserializeGuard<AppConnection>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let conn = match &obj.0 {
-        Ok(conn) => conn,
-        Err(invalid) => {
-            report_unreadable(&ctx.recorder, &*obj, "AppConnection", "Reconcile", invalid).await;
-            return Ok(Action::await_change());
-        }
+    let Some(conn) = readable(&ctx.recorder, &obj, "AppConnection", "Reconcile").await else {
+        return Ok(Action::await_change());
     };
     let started = Instant::now();
     let Some(latest) = ctx.latest(conn).await? else {
@@ -131,26 +125,23 @@ pub async fn reconcile(
     let outcome = match ctx.reconciler.reconcile(&env, conn, opts).await {
         Ok(outcome) => outcome,
         Err(e) => {
-            ctx.metrics
-                .observe_reconcile("error", Reason::BackendUnavailable, started.elapsed());
+            // The Kubernetes API failed, not the backend: its own label.
+            ctx.metrics.observe_api_error(started.elapsed());
             return Err(e.into());
         }
     };
-    if matches!(
-        outcome.action,
-        "create" | "adopt" | "update" | "recreate" | "drift-correct" | "verify" | "record-rotation"
-    ) {
+    if outcome.action.touched_backend() {
         ctx.verified
             .lock()
             .expect("verified lock")
             .insert(uid.clone(), Instant::now());
     }
     // Condition messages name objects and fields, never values: safe to log.
-    if outcome.action != "noop" {
-        info!(action = outcome.action, reason = %outcome.reason, detail = %outcome.message, "reconciled");
+    if outcome.action != Verb::Noop {
+        info!(action = outcome.action.as_str(), reason = %outcome.reason, detail = %outcome.message, "reconciled");
     }
     let result = if outcome.ready {
-        if outcome.action == "noop" {
+        if outcome.action == Verb::Noop {
             "noop"
         } else {
             "ok"
@@ -185,14 +176,21 @@ pub async fn reconcile(
     })
 }
 
-/// A resource that does not parse: a Warning Event on it, then nothing until it changes.
-pub(super) async fn report_unreadable<K: Resource<DynamicType = ()>>(
+/// The resource a watch delivered, or None for one that does not parse: a Warning Event on
+/// it, then nothing until it changes.
+pub(super) async fn readable<'a, K>(
     recorder: &Recorder,
-    object: &K,
+    object: &'a DeserializeGuard<K>,
     kind: &str,
     action: &str,
-    invalid: &InvalidObject,
-) {
+) -> Option<&'a K>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let invalid = match &object.0 {
+        Ok(readable) => return Some(readable),
+        Err(invalid) => invalid,
+    };
     warn!(error = %invalid, kind, "resource cannot be read; waiting for a change");
     let event = KubeEvent {
         type_: KubeEventType::Warning,
@@ -204,6 +202,7 @@ pub(super) async fn report_unreadable<K: Resource<DynamicType = ()>>(
     if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
         warn!(error = %describe(&e), "cannot record an Event");
     }
+    None
 }
 
 /// Time until the recorded next rotation, so an overdue rotation is noticed when it is due.

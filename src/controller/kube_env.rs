@@ -40,28 +40,14 @@ impl KubeEnv {
     }
 }
 
-/// A Secret's data, read from the API (never cached); `None` when it does not exist.
-pub(super) async fn read_secret(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<SecretData>, String> {
-    Ok(read_secret_version(client, namespace, name)
-        .await?
-        .map(|(data, _)| data))
-}
-
 /// A Secret's data and its resourceVersion, read from the API (never cached).
 pub(super) async fn read_secret_version(
     client: &kube::Client,
     namespace: &str,
     name: &str,
-) -> Result<Option<(SecretData, Option<String>)>, String> {
+) -> Result<Option<(SecretData, Option<String>)>, kube::Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("reading Secret {namespace}/{name}: {}", describe(&e)))?;
+    let secret = api.get_opt(name).await?;
     Ok(secret.map(|s| {
         let version = s.resource_version();
         let data = s
@@ -79,15 +65,20 @@ fn api(ctx: &Context, conn: &AppConnection) -> Api<AppConnection> {
 }
 
 fn env_error(what: &str, conn: &AppConnection, e: kube::Error) -> EnvError {
-    EnvError(format!("{what} {}: {}", conn.name_any(), describe(&e)))
+    EnvError::new(format!("{what} {}", conn.name_any()), describe(&e), e)
 }
 
 #[async_trait]
 impl Environment for KubeEnv {
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, EnvError> {
-        read_secret(&self.ctx.client, namespace, name)
-            .await
-            .map_err(EnvError)
+        match read_secret_version(&self.ctx.client, namespace, name).await {
+            Ok(found) => Ok(found.map(|(data, _)| data)),
+            Err(e) => Err(EnvError::new(
+                format!("reading Secret {namespace}/{name}"),
+                describe(&e),
+                e,
+            )),
+        }
     }
 
     async fn backend(

@@ -133,17 +133,8 @@ impl Election {
                 Ok(Ok(true)) if self.deadline().is_some_and(|d| Instant::now() < d) => self.lead(),
                 Ok(Ok(true)) => self.step_down("acquiring or renewing the lease took too long"),
                 Ok(Ok(false)) => self.step_down("the lease is held by another identity"),
-                Ok(Err(err)) => tracing::warn!(
-                    lease = %self.config.name,
-                    identity = %self.config.identity,
-                    error = %crate::kube_error::describe(&err),
-                    "could not acquire or renew the lease"
-                ),
-                Err(_) => tracing::warn!(
-                    lease = %self.config.name,
-                    identity = %self.config.identity,
-                    "acquiring or renewing the lease timed out"
-                ),
+                Ok(Err(err)) => self.warn("could not acquire or renew the lease", Some(&err)),
+                Err(_) => self.warn("acquiring or renewing the lease timed out", None),
             }
             self.check_deadline();
             let period = if self.deadline().is_some() {
@@ -179,19 +170,27 @@ impl Election {
         if held {
             match tokio::time::timeout(self.config.renew_every, self.release()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::warn!(
-                    lease = %self.config.name,
-                    identity = %self.config.identity,
-                    error = %crate::kube_error::describe(&err),
-                    "could not release the lease; a successor waits for it to expire"
+                Ok(Err(err)) => self.warn(
+                    "could not release the lease; a successor waits for it to expire",
+                    Some(&err),
                 ),
-                Err(_) => tracing::warn!(
-                    lease = %self.config.name,
-                    identity = %self.config.identity,
-                    "releasing the lease timed out; a successor waits for it to expire"
+                Err(_) => self.warn(
+                    "releasing the lease timed out; a successor waits for it to expire",
+                    None,
                 ),
             }
         }
+    }
+
+    /// A lease call that failed (with the API's error) or timed out.
+    fn warn(&self, what: &str, err: Option<&kube::Error>) {
+        let error = err.map(crate::kube_error::describe);
+        tracing::warn!(
+            lease = %self.config.name,
+            identity = %self.config.identity,
+            error = error.as_deref(),
+            "{what}"
+        );
     }
 
     fn identity(&self) -> &str {

@@ -7,9 +7,10 @@ pub mod lookup;
 pub mod plan;
 pub mod resolve;
 pub mod status;
+pub mod verdict;
 
 pub use self::core::{
-    EnvError, Environment, Event, EventType, Options, Outcome, Reconciler, Requeue,
+    EnvError, Environment, Event, EventType, Options, Outcome, Reconciler, Requeue, Verb,
 };
 pub use crate::backend::BackendLookupError;
 pub use crate::crd::Reason;

@@ -120,6 +120,29 @@ pub fn update_body(desired: &Desired) -> Value {
     Value::Object(body)
 }
 
+/// Settings a PATCH can unset (with null). A PATCH merges, so a setting dropped from the spec
+/// stays set at Infisical unless it is sent as null; `isPlatformManagedCredentials` only ever
+/// moves to true and is not among them.
+const CLEARABLE: [&str; 1] = ["gatewayId"];
+
+/// Whether a clearable setting is absent from the spec: then the current object says whether
+/// it must be unset.
+pub fn may_clear(desired: &Desired) -> bool {
+    CLEARABLE.iter().any(|k| !desired.settings.contains_key(*k))
+}
+
+/// Adds a null for each clearable setting the spec dropped that `current` (the connection as
+/// Infisical returns it) still has.
+pub fn clear_dropped(body: &mut Value, desired: &Desired, current: &Value) {
+    let connection = current.get("appConnection").unwrap_or(&Value::Null);
+    for key in CLEARABLE {
+        let set = connection.get(key).is_some_and(|v| !v.is_null());
+        if set && !desired.settings.contains_key(key) {
+            body[key] = Value::Null;
+        }
+    }
+}
+
 fn settings(desired: &Desired) -> Map<String, Value> {
     desired
         .settings
@@ -392,6 +415,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "settings.credentials cannot be set: appconn sends it from spec.credentials"
+        );
+    }
+
+    #[test]
+    fn a_dropped_gateway_is_cleared_only_where_it_is_set() {
+        let mut desired = desired(&fixture(QUICKSTART[1].1));
+        assert!(may_clear(&desired));
+        let set = json!({"appConnection": {"id": "x", "gatewayId": "g-1"}});
+        let unset = json!({"appConnection": {"id": "x", "gatewayId": null}});
+        let mut body = update_body(&desired);
+        clear_dropped(&mut body, &desired, &unset);
+        assert!(body.get("gatewayId").is_none(), "nothing to clear: {body}");
+        clear_dropped(&mut body, &desired, &set);
+        assert_eq!(body["gatewayId"], Value::Null);
+        desired.settings.insert("gatewayId".into(), "g-2".into());
+        assert!(!may_clear(&desired));
+        let mut body = update_body(&desired);
+        clear_dropped(&mut body, &desired, &set);
+        assert_eq!(
+            body["gatewayId"], "g-2",
+            "a declared gateway is sent as declared"
         );
     }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -155,11 +156,30 @@ impl InfisicalBackend {
         op: &'static str,
         url: Url,
     ) -> Result<Option<Remote>, BackendError> {
+        self.read(op, url)
+            .await?
+            .map(|body| mapping::remote(&body))
+            .transpose()
+    }
+
+    /// Sends a connection's body, which holds its credentials: gone once sent.
+    async fn write(
+        &self,
+        op: &'static str,
+        method: Method,
+        url: Url,
+        body: Value,
+    ) -> Result<Reply, BackendError> {
+        self.client
+            .call(op, method, url, Some(Body::Json(&body)))
+            .await
+    }
+
+    /// The JSON `GET url` answers; 404 means there is nothing there.
+    async fn read(&self, op: &'static str, url: Url) -> Result<Option<Value>, BackendError> {
         let reply = self.client.call(op, Method::GET, url, None).await?;
         match reply.status {
-            status if status.is_success() => {
-                mapping::remote(&reply.json("Infisical", op)?).map(Some)
-            }
+            status if status.is_success() => reply.json("Infisical", op).map(Some),
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.error(&reply, &Redactor::none())),
         }
@@ -216,6 +236,11 @@ impl InfisicalBackend {
             None => Ok(()),
         }
     }
+}
+
+/// The connection a successful create or update answered with.
+fn written(reply: &Reply, op: &str) -> Result<Remote, BackendError> {
+    mapping::remote(&reply.json("Infisical", op)?)
 }
 
 /// The server's `message` (422 issue arrays joined), else the status line.
@@ -308,13 +333,9 @@ impl Backend for InfisicalBackend {
             .client
             .url(&["api", "v1", "app-connections", &target.app], &[]);
         let redact = Redactor::credentials(&desired.credentials);
-        let reply = self
-            .client
-            .call("create", Method::POST, url, Some(Body::Json(&body)))
-            .await?;
-        drop(body);
+        let reply = self.write("create", Method::POST, url, body).await?;
         match reply.status {
-            status if status.is_success() => mapping::remote(&reply.json("Infisical", "create")?),
+            status if status.is_success() => written(&reply, "create"),
             // "An App Connection with the name \"x\" already exists"
             StatusCode::BAD_REQUEST
                 if message(&reply).contains("already exists") && message(&reply).contains(name) =>
@@ -338,16 +359,21 @@ impl Backend for InfisicalBackend {
     async fn update(&self, id: &str, desired: &Desired) -> Result<Remote, BackendError> {
         mapping::validate(desired)?;
         self.check_app_method(&desired.target).await?;
-        let body = mapping::update_body(desired);
+        let mut body = mapping::update_body(desired);
         let url = self.connection_url(&desired.target, id);
+        if mapping::may_clear(desired) {
+            // The PATCH merges: a setting dropped from the spec must be sent as null, and only
+            // the object itself says whether it is set.
+            let current = self
+                .read("get", url.clone())
+                .await?
+                .ok_or(BackendError::NotFound)?;
+            mapping::clear_dropped(&mut body, desired, &current);
+        }
         let redact = Redactor::credentials(&desired.credentials);
-        let reply = self
-            .client
-            .call("update", Method::PATCH, url, Some(Body::Json(&body)))
-            .await?;
-        drop(body);
+        let reply = self.write("update", Method::PATCH, url, body).await?;
         match reply.status {
-            status if status.is_success() => mapping::remote(&reply.json("Infisical", "update")?),
+            status if status.is_success() => written(&reply, "update"),
             StatusCode::NOT_FOUND => Err(BackendError::NotFound),
             _ => Err(self.error(&reply, &redact)),
         }
