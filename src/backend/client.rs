@@ -1,7 +1,9 @@
-//! The HTTP client every remote backend shares: its rate limit and the pause that a 429 (or a
-//! 5xx with `Retry-After`) puts on the whole backend, metrics per request, tokens from a
-//! [`TokenSource`] with one fresh token when the server refuses one, refused grants held back by
-//! a cool-down, and redaction of values a server echoes into its error messages.
+//! The HTTP client every remote backend shares: its rate limit, the pause that a 429 (or a 5xx
+//! with `Retry-After`) puts on the whole backend and the slower pace after a 429, a throttled
+//! request sent again once the pause is over, metrics per request, tokens from a
+//! [`TokenSource`] checked for age right before each request with one fresh token when the
+//! server refuses one, refused grants held back by a cool-down, and redaction of values a server
+//! echoes into its error messages.
 //!
 //! A call returns the reply whatever its status: each operation classifies the codes that mean
 //! something for it (a 500 that says "already exists", a 404 that means "gone") before
@@ -30,6 +32,11 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 const MAX_GRANT_COOLDOWN: Duration = Duration::from_secs(5 * 60);
 /// After a failed refresh that left a still-valid token, when to try again.
 const REFRESH_RETRY: Duration = Duration::from_secs(10);
+/// A token not at hand within this long was waited for: another caller fetched it.
+const TOKEN_WAIT: Duration = Duration::from_millis(10);
+/// How often a throttled (429) request is sent again, after its pause, before the throttle is
+/// reported: the server did not act on it, and its slot in the queue is as fair as any.
+const THROTTLE_RETRIES: u32 = 2;
 
 /// Settings of one [`Client`].
 #[derive(Clone, Debug)]
@@ -40,6 +47,8 @@ pub struct ClientConfig {
     pub ca_bundle: Option<String>,
     pub rps: u32,
     pub burst: u32,
+    /// The lowest rate throttling slows requests to; a tenth of `rps` when None.
+    pub floor: Option<f64>,
     pub timeouts: Timeouts,
     /// First pause after a refused grant, doubling on each further refusal.
     pub grant_cooldown: Duration,
@@ -153,7 +162,10 @@ impl Http {
         Ok(Self {
             client: http::client(config.timeouts, config.ca_bundle.as_deref())?,
             base: config.base.clone(),
-            limiter: RateLimiter::new(config.rps, config.burst),
+            limiter: match config.floor {
+                Some(floor) => RateLimiter::with_floor(config.rps, config.burst, floor),
+                None => RateLimiter::new(config.rps, config.burst),
+            },
             metrics,
             backend,
         })
@@ -180,8 +192,8 @@ impl Http {
         &self.limiter
     }
 
-    /// One request through the rate limit, measured. A 429 pauses every request of the
-    /// backend for its `Retry-After` (1 s without one), a 5xx with `Retry-After` too.
+    /// One request through the rate limit, measured; a throttled one is sent again after the
+    /// pause, up to [`THROTTLE_RETRIES`] times.
     pub async fn send(
         &self,
         op: &'static str,
@@ -190,7 +202,59 @@ impl Http {
         body: Option<Body<'_>>,
         bearer: Option<&SecretString>,
     ) -> Result<Reply, BackendError> {
-        self.limiter.acquire().await;
+        self.send_queued(op, method, url, body, bearer, false).await
+    }
+
+    /// Like [`Http::send`], ahead of the requests waiting for the rate limit: for getting a
+    /// token, which every one of them needs first. A pause still holds it back.
+    pub async fn send_first(
+        &self,
+        op: &'static str,
+        method: Method,
+        url: Url,
+        body: Option<Body<'_>>,
+    ) -> Result<Reply, BackendError> {
+        self.send_queued(op, method, url, body, None, true).await
+    }
+
+    async fn send_queued(
+        &self,
+        op: &'static str,
+        method: Method,
+        url: Url,
+        body: Option<Body<'_>>,
+        bearer: Option<&SecretString>,
+        first: bool,
+    ) -> Result<Reply, BackendError> {
+        let mut throttled = 0;
+        loop {
+            if first {
+                self.limiter.acquire_first().await;
+            } else {
+                self.limiter.acquire().await;
+            }
+            let reply = self
+                .exchange(op, method.clone(), url.clone(), body, bearer)
+                .await?;
+            if reply.status == StatusCode::TOO_MANY_REQUESTS && throttled < THROTTLE_RETRIES {
+                throttled += 1;
+                continue;
+            }
+            return Ok(reply);
+        }
+    }
+
+    /// One request, now (the caller has its slot), measured. A 429 pauses every request of the
+    /// backend for its `Retry-After` (1 s without one) and slows the rate; a 5xx with
+    /// `Retry-After` pauses too.
+    async fn exchange(
+        &self,
+        op: &'static str,
+        method: Method,
+        url: Url,
+        body: Option<Body<'_>>,
+        bearer: Option<&SecretString>,
+    ) -> Result<Reply, BackendError> {
         let mut request = self.client.request(method, url);
         if let Some(bearer) = bearer {
             request = request.bearer_auth(bearer.expose());
@@ -222,8 +286,18 @@ impl Http {
             status = status.as_u16(),
             elapsed_ms = start.elapsed().as_millis() as u64
         );
-        if let Some(delay) = pause(status, &headers) {
-            self.limiter.pause_for(delay);
+        match pause(status, &headers) {
+            Some(delay) if status == StatusCode::TOO_MANY_REQUESTS => {
+                tracing::debug!(
+                    backend,
+                    op,
+                    retry_after_ms = delay.as_millis() as u64,
+                    "throttled"
+                );
+                self.limiter.throttled(delay);
+            }
+            Some(delay) => self.limiter.pause_for(delay),
+            None => {}
         }
         let body = body.map_err(|err| http::transport_error(&err))?;
         Ok(Reply {
@@ -359,8 +433,11 @@ impl Client {
         self.http.url(segments, query)
     }
 
-    /// An authenticated request: the reply whatever its status, except that a refused token
-    /// gets one fresh token and one retry, and is `Auth` when the fresh one is refused too.
+    /// An authenticated request: the reply whatever its status, except that a throttled one is
+    /// sent again after its pause (up to [`THROTTLE_RETRIES`] times), and a refused token gets
+    /// one fresh token and one retry (the reply of the fresh one stands). The token is checked
+    /// for age after the wait for a slot, right before it is sent: one that expired during a
+    /// pause is replaced, not sent to be refused.
     pub async fn call(
         &self,
         op: &'static str,
@@ -371,17 +448,28 @@ impl Client {
         let Some(auth) = &self.auth else {
             return self.http.send(op, method, url, body, None).await;
         };
-        let mut bearer = self.bearer().await?;
         let mut fresh = false;
+        let mut throttled = 0;
         loop {
+            // The slot first, then the token: a token held through the wait for a slot (a
+            // pause, a slowed rate) could expire before it is sent.
+            self.http.limiter.acquire().await;
+            let asked = Instant::now();
+            let (bearer, fetched) = self.token().await?;
+            if fetched || asked.elapsed() >= TOKEN_WAIT {
+                // A token was fetched first, with a request of its own: the slot is spent, and
+                // the callers that waited for the token must not all go at once.
+                self.http.limiter.acquire().await;
+            }
             let reply = self
                 .http
-                .send(op, method.clone(), url.clone(), body, Some(&bearer.value))
+                .exchange(op, method.clone(), url.clone(), body, Some(&bearer.value))
                 .await?;
-            if !auth.source.token_refused(&reply) {
-                return Ok(reply);
+            if reply.status == StatusCode::TOO_MANY_REQUESTS && throttled < THROTTLE_RETRIES {
+                throttled += 1;
+                continue;
             }
-            if fresh || !auth.source.renewable() {
+            if !auth.source.token_refused(&reply) || fresh || !auth.source.renewable() {
                 return Ok(reply);
             }
             tracing::debug!(
@@ -389,7 +477,7 @@ impl Client {
                 status = reply.status.as_u16(),
                 "token refused; getting a new one"
             );
-            bearer = self.replace(bearer.generation).await?;
+            self.replace(bearer.generation).await?;
             fresh = true;
         }
     }
@@ -432,22 +520,29 @@ impl Client {
 
     /// The cached token, replaced first when it is due. Without a source: an error.
     pub async fn bearer(&self) -> Result<Bearer, BackendError> {
+        self.token().await.map(|(bearer, _)| bearer)
+    }
+
+    /// The token to send, and whether getting it took a request (a renewal or a grant).
+    async fn token(&self) -> Result<(Bearer, bool), BackendError> {
         let auth = self.auth.as_ref().ok_or_else(|| BackendError::Auth {
             message: "this backend has no credentials to send".into(),
         })?;
         let mut state = auth.state.lock().await;
         let now = Instant::now();
         let Some(token) = &state.token else {
-            return self.obtain(auth, &mut state).await;
+            return self.obtain(auth, &mut state).await.map(|b| (b, true));
         };
         if token.refresh_at.is_none_or(|at| now < at) {
-            return Ok(token.bearer());
+            return Ok((token.bearer(), false));
         }
         let expired = token.expires_at.is_some_and(|at| now >= at);
         if !expired {
             let current = token.value.clone();
             match auth.source.renew(&self.http, &current).await {
-                Some(Ok(grant)) => return Ok(install(&mut state, grant, auth.source.as_ref())),
+                Some(Ok(grant)) => {
+                    return Ok((install(&mut state, grant, auth.source.as_ref()), true));
+                }
                 Some(Err(err)) => tracing::debug!(error = %err, "token renewal failed"),
                 None => {}
             }
@@ -462,9 +557,9 @@ impl Client {
                     .as_mut()
                     .expect("checked above; a failed grant keeps it");
                 token.refresh_at = Some(now + REFRESH_RETRY);
-                Ok(token.bearer())
+                Ok((token.bearer(), true))
             }
-            result => result,
+            result => result.map(|bearer| (bearer, true)),
         }
     }
 
@@ -572,6 +667,7 @@ mod tests {
                 ca_bundle: None,
                 rps: 1,
                 burst: 1,
+                floor: None,
                 timeouts: Timeouts::default(),
                 grant_cooldown: Duration::from_secs(30),
             };

@@ -123,6 +123,18 @@ impl BackendError {
         matches!(self, BackendError::Unavailable { .. })
     }
 
+    /// The backend said when to come back (a 429, or a 5xx with `Retry-After`): it is slowing
+    /// appconn down, not failing.
+    pub fn is_throttled(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Unavailable {
+                retry_after: Some(_),
+                ..
+            }
+        )
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             BackendError::Unavailable { retry_after, .. } => *retry_after,

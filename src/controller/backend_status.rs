@@ -97,6 +97,8 @@ pub(super) struct StatusContext {
     recorder: Recorder,
     backoff: Backoff,
     clients: Arc<Clients>,
+    /// uid -> transient check failures in a row.
+    transient: Mutex<HashMap<String, u32>>,
     /// uid -> resourceVersion of the status this process last wrote: a cached copy with another
     /// version is read again before deciding (the watch can lag behind our own write).
     known: Mutex<HashMap<String, String>>,
@@ -111,6 +113,10 @@ pub(super) enum Error {
     Write(String, #[source] kube::Error),
 }
 
+/// Transient failures of a backend's check in a row (throttling not counted) after which it is
+/// reported not Ready: one timeout or 5xx says little about its health.
+const UNHEALTHY_AFTER: u32 = 3;
+
 /// When to look again.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Next {
@@ -120,6 +126,14 @@ enum Next {
     Backoff(Option<Duration>),
     /// Only when the resource or one of its Secrets changes.
     WaitForChange,
+}
+
+/// What a check concluded: a verdict to report, or none yet (the backend throttled the check,
+/// or failed transiently fewer than [`UNHEALTHY_AFTER`] times in a row): the last verdict
+/// stands and the check runs again.
+enum Verdict {
+    Report(Checked),
+    Keep { why: String, next: Next },
 }
 
 /// What a check found.
@@ -173,6 +187,7 @@ pub(super) async fn run(
         ),
         backoff: Backoff::default(),
         clients: clients.clone(),
+        transient: Mutex::new(HashMap::new()),
         known: Mutex::new(HashMap::new()),
     });
 
@@ -293,7 +308,16 @@ async fn reconcile<K: BackendResource>(
         return Ok(Action::await_change());
     };
     let uid = backend.uid().unwrap_or_default();
-    let checked = ctx.check(&backend).await;
+    let checked = match ctx.check(&backend).await {
+        Verdict::Report(checked) => checked,
+        Verdict::Keep { why, next } => {
+            info!(detail = %why, "no verdict yet; the last one stands");
+            return Ok(match next {
+                Next::Backoff(Some(pause)) => Action::requeue(pause),
+                _ => Action::requeue(ctx.backoff.next(&uid, None)),
+            });
+        }
+    };
     let now = Timestamp::now();
     let prior = backend.backend_status();
     let status = next_status(prior, &backend, &checked, now);
@@ -355,23 +379,71 @@ impl StatusContext {
         Ok(latest)
     }
 
-    /// Builds (or reuses) the client and checks the backend.
-    async fn check<K: BackendResource>(&self, resource: &K) -> Checked {
+    /// Checks the backend, and decides whether what it found is a verdict.
+    async fn check<K: BackendResource>(&self, resource: &K) -> Verdict {
+        let uid = resource.uid().unwrap_or_default();
+        let checked = self.check_once(resource).await;
+        let mut transient = self.transient.lock().expect("transient lock");
+        match checked {
+            Err(e) if e.is_throttled() => Verdict::Keep {
+                why: e.to_string(),
+                next: Next::Backoff(e.retry_after()),
+            },
+            Err(e) if e.is_transient() => {
+                let failures = transient.entry(uid).or_insert(0);
+                *failures += 1;
+                if *failures < UNHEALTHY_AFTER {
+                    Verdict::Keep {
+                        why: format!("{e} ({failures} in a row)"),
+                        next: Next::Backoff(None),
+                    }
+                } else {
+                    let next = Next::Backoff(e.retry_after());
+                    Verdict::Report(Checked::failed(e.reason(), e.to_string(), next))
+                }
+            }
+            Err(e) => {
+                transient.remove(&uid);
+                // Refused credentials are tried again at the normal pace (the client holds a
+                // refused grant back anyway); a Secret change brings a check with a new client.
+                Verdict::Report(Checked::failed(e.reason(), e.to_string(), Next::Periodic))
+            }
+            Ok(checked) => {
+                transient.remove(&uid);
+                Verdict::Report(checked)
+            }
+        }
+    }
+
+    /// Builds (or reuses) the client and checks the backend once: a verdict on the spec or the
+    /// client, or the backend's answer.
+    async fn check_once<K: BackendResource>(
+        &self,
+        resource: &K,
+    ) -> Result<Checked, crate::backend::BackendError> {
         let provider = resource.provider();
         match provider.provider() {
             Err(message) => {
-                return Checked::failed(Reason::InvalidSpec, message.into(), Next::WaitForChange);
+                return Ok(Checked::failed(
+                    Reason::InvalidSpec,
+                    message.into(),
+                    Next::WaitForChange,
+                ));
             }
             Ok(Provider::Builtin) => {
-                return Checked::ok(
+                return Ok(Checked::ok(
                     "the built-in store is part of the operator".into(),
                     Next::WaitForChange,
-                );
+                ));
             }
             Ok(_) => {}
         }
         if let Err(e) = backend::check_spec(provider) {
-            return Checked::failed(e.reason(), e.to_string(), Next::WaitForChange);
+            return Ok(Checked::failed(
+                e.reason(),
+                e.to_string(),
+                Next::WaitForChange,
+            ));
         }
         let key: BackendKey = (
             K::KIND,
@@ -385,7 +457,13 @@ impl StatusContext {
             resource.secret_namespace(),
         ) {
             Ok(version) => version,
-            Err(e) => return Checked::failed(e.reason(), e.to_string(), Next::WaitForChange),
+            Err(e) => {
+                return Ok(Checked::failed(
+                    e.reason(),
+                    e.to_string(),
+                    Next::WaitForChange,
+                ));
+            }
         };
         let mut attempts = 0;
         let (backend, checked) = loop {
@@ -398,7 +476,7 @@ impl StatusContext {
                         // A missing Secret or key: its watch brings the next check.
                         _ => Next::WaitForChange,
                     };
-                    return Checked::failed(e.reason(), e.to_string(), next);
+                    return Ok(Checked::failed(e.reason(), e.to_string(), next));
                 }
             };
             let checked = backend.check().await;
@@ -409,21 +487,15 @@ impl StatusContext {
             }
             break (backend, checked);
         };
-        match checked {
-            Ok(()) => Checked::ok(
+        checked.map(|()| {
+            Checked::ok(
                 format!(
                     "{} accepted the credentials and is healthy",
                     backend.provider()
                 ),
                 Next::Periodic,
-            ),
-            Err(e) if e.is_transient() => {
-                Checked::failed(e.reason(), e.to_string(), Next::Backoff(e.retry_after()))
-            }
-            // Refused credentials are tried again at the normal pace (the client holds a
-            // refused grant back anyway); a Secret change brings a check with a new client.
-            Err(e) => Checked::failed(e.reason(), e.to_string(), Next::Periodic),
-        }
+            )
+        })
     }
 
     async fn write<K: BackendResource>(

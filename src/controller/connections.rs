@@ -169,6 +169,11 @@ pub async fn reconcile(
             }
         }
         Requeue::Backoff { retry_after } => Action::requeue(ctx.backoff.next(&key, retry_after)),
+        // Spread over a fifth of the pause, so the connections a pause held back do not all
+        // come back at its end at once.
+        Requeue::Throttled { retry_after } => {
+            Action::requeue(retry_after.mul_f64(1.0 + rand::random_range(0.0..0.2)))
+        }
         Requeue::WaitForChange => {
             ctx.backoff.reset(&key);
             Action::await_change()

@@ -174,17 +174,24 @@ pub struct MatillionProvider {
     pub auth: ClientCredentials,
 }
 
-/// A token bucket: `requestsPerSecond` sustained, `burst` at once.
+/// A token bucket: `requestsPerSecond` sustained, `burst` at once. When the backend throttles
+/// (429), the rate halves, down to `minRequestsPerSecond`, and climbs back to
+/// `requestsPerSecond` while no throttle comes.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
-    /// Sustained requests per second, 1 to 10000.
+    /// Sustained requests per second, 1 to 10000: the ceiling.
     #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("rateLimit.requestsPerSecond must be between 1 and 10000"))]
     pub requests_per_second: i32,
     /// Requests allowed at once, 1 to 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("rateLimit.burst must be between 1 and 10000"))]
     pub burst: Option<i32>,
+    /// The lowest rate throttling slows requests to, e.g. `0.5`; a tenth of
+    /// `requestsPerSecond` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.01 && self <= 10000.0").message("rateLimit.minRequestsPerSecond must be between 0.01 and 10000"))]
+    pub min_requests_per_second: Option<f64>,
 }
 
 /// Which namespaces may use a ClusterConnectionBackend.

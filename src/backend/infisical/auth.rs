@@ -30,7 +30,7 @@ impl TokenSource for UniversalAuth {
             "clientSecret": self.client_secret.expose(),
         });
         let reply = http
-            .send("login", Method::POST, url, Some(Body::Json(&body)), None)
+            .send_first("login", Method::POST, url, Some(Body::Json(&body)))
             .await?;
         drop(body);
         if reply.status.is_success() {
@@ -62,7 +62,7 @@ impl TokenSource for UniversalAuth {
         let url = http.url(&["api", "v1", "auth", "token", "renew"], &[]);
         let body = json!({"accessToken": token.expose()});
         let reply = match http
-            .send("renew", Method::POST, url, Some(Body::Json(&body)), None)
+            .send_first("renew", Method::POST, url, Some(Body::Json(&body)))
             .await
         {
             Ok(reply) => reply,

@@ -117,6 +117,7 @@ impl InfisicalBackend {
                 ca_bundle: config.ca_bundle,
                 rps,
                 burst,
+                floor: Some(ratelimit::floor(config.rate_limit, rps)),
                 timeouts: config.timeouts,
                 grant_cooldown: config.login_cooldown,
             },

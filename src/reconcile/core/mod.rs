@@ -51,12 +51,10 @@ impl From<BackendError> for Failure {
 
 impl Failure {
     fn requeue(&self) -> Requeue {
-        if self.transient {
-            Requeue::Backoff {
-                retry_after: self.retry_after,
-            }
-        } else {
-            Requeue::WaitForChange
+        match (self.transient, self.retry_after) {
+            (true, Some(retry_after)) => Requeue::Throttled { retry_after },
+            (true, None) => Requeue::Backoff { retry_after: None },
+            (false, _) => Requeue::WaitForChange,
         }
     }
 }

@@ -89,6 +89,9 @@ pub enum Requeue {
     After(Option<Duration>),
     /// Transient failure: back off, at least `retry_after` when the backend said so.
     Backoff { retry_after: Option<Duration> },
+    /// The backend asked to come back after `retry_after` (429): then, without a growing
+    /// backoff, since throttling says nothing against this object.
+    Throttled { retry_after: Duration },
     /// Invalid input: wait for a change to the resource or its Secrets.
     WaitForChange,
 }
