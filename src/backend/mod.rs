@@ -5,6 +5,7 @@
 
 pub mod builtin;
 pub mod client;
+pub mod credible;
 mod factory;
 pub mod http;
 pub mod infisical;
