@@ -378,9 +378,7 @@ impl Backend for CredibleBackend {
         let redact = Redactor::credentials(&desired.credentials);
         let reply = self.write("test", Method::POST, url, body).await?;
         if !reply.status.is_success() {
-            return Err(self
-                .refused(&reply, self.project(&desired.target), &redact)
-                .unwrap_or_else(|| self.error(&reply, &redact)));
+            return Err(self.error(&reply, &redact));
         }
         let verdict = mapping::test_verdict(&reply.json("Credible", "test")?)
             .ok_or_else(|| unexpected("test"))?;
