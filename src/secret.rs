@@ -49,6 +49,13 @@ impl Clone for Credentials {
     }
 }
 
+/// Equal when every field is: for comparing what a backend returned, never for showing it.
+impl PartialEq for Credentials {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Credentials({:?}: [REDACTED])", self.field_names())

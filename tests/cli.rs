@@ -17,6 +17,18 @@ fn appconn(dir: &Path, args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
+/// [`appconn`] from async code, which must not block its runtime (a fake server lives on it).
+async fn run(dir: &Path, args: &[&str]) -> Output {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        appconn(&dir, &args)
+    })
+    .await
+    .unwrap()
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -686,17 +698,6 @@ mod infisical {
         )
     }
 
-    async fn run(dir: &Path, args: &[&str]) -> Output {
-        let dir = dir.to_path_buf();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            appconn(&dir, &args)
-        })
-        .await
-        .unwrap()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn apply_creates_the_quickstart_at_infisical_then_noops_without_a_request() {
         let fake = FakeInfisical::start().await;
@@ -804,5 +805,141 @@ mod infisical {
         assert!(!fake.is_locked(CLIENT_ID));
         assert!(fake.stored_all().is_empty());
         assert!(!text(&out).contains(CANARY), "a secret value was printed");
+    }
+}
+
+mod credible {
+    //! `appconn apply` against the fake Credible: `examples/credible.yaml` as it is, but for
+    //! the URL, through the real binary.
+
+    use super::*;
+    use appconn_testkit::fake::credible::FakeCredible;
+
+    const CONNECTIONS: &str = "/api/v0/projects/analytics/connections";
+
+    fn example(url: &str) -> String {
+        let yaml = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/credible.yaml"),
+        )
+        .unwrap();
+        let hosted = "url: https://acme.data.credibledata.com/api/v0";
+        assert!(yaml.contains(hosted), "the example changed");
+        yaml.replace(hosted, &format!("url: \"{url}\""))
+    }
+
+    async fn fake() -> FakeCredible {
+        let fake = FakeCredible::start().await;
+        fake.add_project("analytics");
+        fake.require_token(Some("example-token-change-me"));
+        fake
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_creates_the_example_then_sends_nothing() {
+        let fake = fake().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), example(&fake.url())).unwrap();
+
+        let out = run(dir.path(), &["apply", "-f", "c.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for (name, connection, app) in [
+            ("warehouse", "warehouse", "postgres"),
+            ("snowflake-analytics", "snowflake_analytics", "snowflake"),
+            ("lake", "lake", "bigquery"),
+        ] {
+            let row = rows.iter().find(|r| r["name"] == name).unwrap();
+            assert_eq!(
+                (&row["action"], &row["ready"]),
+                (&"create".into(), &true.into())
+            );
+            let status = &row["status"];
+            assert_eq!(
+                status["id"],
+                format!("projects/analytics/connections/{connection}")
+            );
+            assert_eq!(status["backend"]["type"], "credible");
+            let stored = fake.stored("analytics", connection).expect("at the server");
+            assert_eq!(stored["type"], app);
+        }
+        let snowflake = fake.stored("analytics", "snowflake_analytics").unwrap();
+        assert_eq!(
+            snowflake["snowflakeConnection"],
+            serde_json::json!({"account": "acme-xy12345", "username": "ANALYST",
+                "password": "example-password-change-me-too",
+                "responseTimeoutMilliseconds": 30000, "warehouse": "COMPUTE_WH",
+                "database": "ANALYTICS", "schema": "PUBLIC", "role": "ANALYST"})
+        );
+        assert_eq!(fake.count("POST", CONNECTIONS), 3);
+        assert_eq!(fake.tested().len(), 1, "the warehouse asks for its test");
+        assert!(!text(&out).contains("example-password-change-me"));
+
+        let requests = fake.requests().len();
+        let again = run(dir.path(), &["apply", "-f", "c.yaml", "-o", "json"]).await;
+        assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&again.stdout).unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r["action"] == "noop" && r["ready"] == true),
+            "{rows:?}"
+        );
+        assert_eq!(
+            fake.requests().len(),
+            requests,
+            "an unchanged apply sends nothing: no write, no test, no read"
+        );
+
+        // One Secret value changed: one PATCH, with the whole block, and its test.
+        let changed = example(&fake.url()).replace(
+            "password: example-password-change-me\n",
+            "password: changed-password\n",
+        );
+        std::fs::write(dir.path().join("c.yaml"), changed).unwrap();
+        let out = run(dir.path(), &["apply", "-f", "c.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(fake.count("PATCH", CONNECTIONS), 1);
+        assert_eq!(
+            fake.stored("analytics", "warehouse").unwrap()["postgresConnection"],
+            serde_json::json!({"host": "db.internal", "port": 5432, "databaseName": "sales",
+                "userName": "etl", "password": "changed-password"})
+        );
+        assert_eq!(fake.tested().len(), 2);
+
+        let out = run(dir.path(), &["delete", "-f", "c.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(
+            fake.stored_all("analytics").is_empty(),
+            "deleted at the server"
+        );
+        assert_eq!(fake.count("DELETE", CONNECTIONS), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_test_is_reported_and_the_exit_code_says_so() {
+        let fake = fake().await;
+        fake.set_test_result(Some("connect ECONNREFUSED 10.0.0.7:5432"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), example(&fake.url())).unwrap();
+        let out = run(dir.path(), &["apply", "-f", "c.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let warehouse = rows.iter().find(|r| r["name"] == "warehouse").unwrap();
+        assert_eq!(warehouse["ready"], false);
+        assert_eq!(warehouse["reason"], "ConnectionTestFailed");
+        assert_eq!(
+            warehouse["message"],
+            "the connection test failed: connect ECONNREFUSED 10.0.0.7:5432"
+        );
+        assert!(fake.stored("analytics", "warehouse").is_some(), "written");
+
+        // Applied again unchanged: the verdict stands, nothing is sent.
+        let requests = fake.requests().len();
+        let again = run(dir.path(), &["apply", "-f", "c.yaml", "-o", "json"]).await;
+        assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&again.stdout).unwrap();
+        let warehouse = rows.iter().find(|r| r["name"] == "warehouse").unwrap();
+        assert_eq!(warehouse["reason"], "ConnectionTestFailed");
+        assert_eq!(fake.requests().len(), requests);
     }
 }

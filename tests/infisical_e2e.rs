@@ -6,15 +6,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use appconn::crd::{
-    AppConnection, CREATE_PENDING, ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
-};
+use appconn::crd::{AppConnection, ConnectionBackend, ConnectionBackendStatus};
 use appconn_testkit::fake::infisical::FakeInfisical;
-use common::{Cluster, Operator, OperatorSettings, Paths, condition, eventually, ready, reason_is};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
+use common::{
+    Cluster, Operator, OperatorSettings, Paths, backend_condition, backend_ready, backend_reason,
+    condition, eventually, ready, reason_is,
+};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -56,7 +57,7 @@ impl Env {
     }
 
     fn backends(&self) -> Api<ConnectionBackend> {
-        Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace)
+        self.cluster.backends()
     }
 
     /// A ConnectionBackend for the fake, its identity read from Secret `secret`.
@@ -76,38 +77,16 @@ impl Env {
     }
 
     async fn create_backend_with(&self, name: &str, spec: Value) {
-        let backend: ConnectionBackend = serde_json::from_value(json!({
-            "apiVersion": "appconn.io/v1alpha1", "kind": "ConnectionBackend",
-            "metadata": {"name": name, "namespace": self.cluster.namespace},
-            "spec": spec,
-        }))
-        .unwrap();
-        self.backends()
-            .create(&PostParams::default(), &backend)
-            .await
-            .unwrap();
+        self.cluster.create_backend(name, spec).await;
     }
 
-    /// Polls the backend until `check` holds.
     async fn wait_backend(
         &self,
         name: &str,
         what: &str,
         check: impl Fn(&ConnectionBackendStatus) -> bool,
     ) -> ConnectionBackend {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let backend = self.backends().get(name).await.unwrap();
-            if backend.status.as_ref().is_some_and(&check) {
-                return backend;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}: timed out waiting for {what}; last seen: {:?}",
-                backend.status
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.cluster.wait_backend(name, WAIT, what, check).await
     }
 
     /// The three quickstart Secrets, in the test's namespace.
@@ -155,21 +134,6 @@ impl Env {
         self.cluster
             .create_connection("key-vault", key_vault(backend))
             .await;
-    }
-
-    /// (reason, note) of the Events about `name`.
-    async fn events_about(&self, name: &str) -> Vec<(String, String)> {
-        self.cluster
-            .events_about(name)
-            .await
-            .into_iter()
-            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-            .collect()
-    }
-
-    async fn wait_event(&self, name: &str, reason: &str) -> String {
-        let event = self.cluster.wait_event(name, reason, WAIT).await;
-        event.note.unwrap_or_default()
     }
 
     fn id_of(&self, conn: &AppConnection) -> String {
@@ -230,20 +194,6 @@ fn key_vault(backend: &str) -> Value {
         "credentialsFrom": [{"secretRef": {"name": "key-vault-app"}}],
         "rotation": {"enabled": true, "intervalDays": 30, "rotateAtUtc": {"hours": 11, "minutes": 29}},
     })
-}
-
-fn backend_ready(status: &ConnectionBackendStatus) -> bool {
-    backend_condition(status).is_some_and(|(s, _, _)| s == "True")
-}
-
-fn backend_reason(status: &ConnectionBackendStatus, reason: &str) -> bool {
-    backend_condition(status).is_some_and(|(_, r, _)| r == reason)
-}
-
-/// (status, reason, message) of a backend's Ready condition.
-fn backend_condition(status: &ConnectionBackendStatus) -> Option<(String, String, String)> {
-    let c = status.conditions.iter().find(|c| c.type_ == "Ready")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 fn writes_to_fake(fake: &FakeInfisical) -> (usize, usize, usize) {
@@ -441,19 +391,7 @@ async fn restart_between_create_and_status_write_leaves_no_duplicate() {
     operator.stop().await;
 
     // What a crash after the create and before the status write leaves behind.
-    let api = env.cluster.connections();
-    api.patch_status(
-        "warehouse",
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(
-            json!({"apiVersion": "appconn.io/v1alpha1", "kind": "AppConnection", "status": {}}),
-        ),
-    )
-    .await
-    .unwrap();
-    let conn = api.get("warehouse").await.unwrap();
-    assert!(conn.status.as_ref().and_then(|s| s.id.as_ref()).is_none());
-    assert!(conn.annotations().contains_key(CREATE_PENDING));
+    env.cluster.forget_status("warehouse").await;
 
     let operator = env.operator(OperatorSettings::default()).await;
     let conn = env
@@ -472,7 +410,9 @@ async fn restart_between_create_and_status_write_leaves_no_duplicate() {
         ) >= 1,
         "found by name"
     );
-    env.wait_event("warehouse", "Adopted").await;
+    env.cluster
+        .wait_event_note("warehouse", "Adopted", WAIT)
+        .await;
     operator.stop().await;
 }
 
@@ -501,7 +441,10 @@ async fn rotation_on_mssql_is_refused_with_infisicals_message() {
         "{message}"
     );
     assert!(env.fake.stored_all().is_empty());
-    let note = env.wait_event("warehouse", "BackendRejected").await;
+    let note = env
+        .cluster
+        .wait_event_note("warehouse", "BackendRejected", WAIT)
+        .await;
     assert!(note.contains("Auto-rotation is not supported"), "{note}");
     // Invalid input waits for a change: once the operator's own writes have echoed back (a
     // reconcile or two), no further attempt.
@@ -560,7 +503,9 @@ async fn a_rotation_by_the_server_is_recorded_and_never_undone() {
         (before.credentials_hash, before.version),
         "what appconn wrote is unchanged: the rotation is the server's"
     );
-    env.wait_event("key-vault", "RotationRecorded").await;
+    env.cluster
+        .wait_event_note("key-vault", "RotationRecorded", WAIT)
+        .await;
     // Several more drift checks: the rotated secret stays, nothing is pushed.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
@@ -578,7 +523,8 @@ async fn a_rotation_by_the_server_is_recorded_and_never_undone() {
     );
     assert_eq!(stored["credentialsHash"], new_hash.as_str());
     assert!(
-        !env.events_about("key-vault")
+        !env.cluster
+            .event_notes("key-vault")
             .await
             .iter()
             .any(|(r, _)| r == "DriftCorrected")
@@ -756,7 +702,7 @@ async fn backend_status_follows_its_identity_and_holds_its_connections() {
         .count();
     assert_eq!(refused, 1, "logins with the wrong secret");
 
-    let events = env.events_about("wrong").await;
+    let events = env.cluster.event_notes("wrong").await;
     assert!(
         events.iter().any(|(r, _)| r == "BackendAuthFailed"),
         "{events:?}"
@@ -993,7 +939,8 @@ async fn secret_values_stay_out_of_status_and_events() {
         "{message}"
     );
     eventually(WAIT, "the rejection Event", || async {
-        env.events_about("warehouse")
+        env.cluster
+            .event_notes("warehouse")
             .await
             .iter()
             .any(|(r, _)| r == "BackendRejected")
@@ -1003,7 +950,7 @@ async fn secret_values_stay_out_of_status_and_events() {
         "{:?}{:?}{:?}",
         conn.status,
         conn.metadata.annotations,
-        env.events_about("warehouse").await
+        env.cluster.event_notes("warehouse").await
     );
     assert!(
         !everything.contains(CANARY),

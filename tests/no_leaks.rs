@@ -1,11 +1,13 @@
 //! No secret value in logs, Events, status, metrics or errors: the operator runs against a
 //! Secret holding a distinctive value, through success and every failure that quotes a field,
-//! while every log line at TRACE is captured.
+//! while every log line at TRACE is captured; and again through Credible, whose reads return
+//! secrets in clear.
 
 mod common;
 
 use std::time::Duration;
 
+use appconn_testkit::fake::credible::FakeCredible;
 use appconn_testkit::logs::{self, Capture};
 use common::{Cluster, Operator, OperatorSettings, Paths, ready, reason_is};
 use kube::Api;
@@ -77,6 +79,19 @@ async fn no_secret_value_anywhere() {
         })
         .await;
 
+    let bad = cluster.event_notes("bad-number").await;
+    assert!(bad.iter().any(|(reason, _)| reason == "InvalidCredential"));
+    let mut seen = statuses_and_events(&cluster).await;
+    seen.push_str(&operator.metrics().await);
+    operator.stop().await;
+    let logs = logs.text();
+    assert!(logs.contains("reconciled"), "the capture works");
+    assert!(seen.contains("InvalidCredential") && seen.contains("hmac-sha256:"));
+    assert_no_canary(&[("status, Events or metrics", &seen), ("the logs", &logs)]);
+}
+
+/// The statuses of every AppConnection and every Event of the test's namespace, as JSON.
+async fn statuses_and_events(cluster: &Cluster) -> String {
     let mut seen = String::new();
     for conn in cluster
         .connections()
@@ -88,22 +103,14 @@ async fn no_secret_value_anywhere() {
     }
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let events = events.list(&Default::default()).await.unwrap();
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("InvalidCredential"))
-    );
-    for event in events {
+    for event in events.list(&Default::default()).await.unwrap() {
         seen.push_str(&serde_json::to_string(&event).unwrap());
     }
-    seen.push_str(&operator.metrics().await);
-    operator.stop().await;
-    let logs = logs.text();
-    assert!(logs.contains("reconciled"), "the capture works");
-    assert!(seen.contains("InvalidCredential") && seen.contains("hmac-sha256:"));
-    for (what, text) in [("status, Events or metrics", &seen), ("the logs", &logs)] {
+    seen
+}
+
+fn assert_no_canary(places: &[(&str, &str)]) {
+    for (what, text) in places {
         if let Some(at) = text.find(CANARY) {
             let start = text[..at]
                 .char_indices()
@@ -117,4 +124,115 @@ async fn no_secret_value_anywhere() {
             );
         }
     }
+}
+
+/// Credible returns secrets in clear on every read: the canary as a password, in a connection
+/// string, in the API token and in the connection test's message goes through creates, drift
+/// reads, a correction and a failed test, and reaches no log line, Event, status, metric, nor
+/// the operator's store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credible_secret_anywhere() {
+    if !logs::alone("no_credible_secret_anywhere") {
+        return;
+    }
+    let logs = Capture::start();
+
+    let cluster = Cluster::start().await;
+    let paths = Paths::temporary();
+    let settings = OperatorSettings {
+        refresh: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let operator = Operator::start(&cluster, &paths, settings).await;
+    let fake = FakeCredible::start().await;
+    fake.add_project("analytics");
+    let token = format!("{CANARY}-token");
+    fake.require_token(Some(&token));
+    fake.set_test_result(Some(&format!("password authentication failed ({CANARY})")));
+    cluster
+        .put_secret("credible-api", &[("token", &token)])
+        .await;
+    cluster
+        .put_secret(
+            "pg",
+            &[
+                ("password", CANARY),
+                ("url", &format!("postgres://etl:{CANARY}@db.internal/sales")),
+            ],
+        )
+        .await;
+    cluster
+        .create_backend(
+            "credible",
+            json!({"credible": {"url": fake.url(), "project": "analytics",
+                "token": {"secretKeyRef": {"name": "credible-api", "key": "token"}}}}),
+        )
+        .await;
+    let connection = |test: bool| {
+        json!({
+            "backendRef": {"kind": "ConnectionBackend", "name": "credible"},
+            "app": "postgres",
+            "testConnection": test,
+            "credentials": {
+                "host": {"value": "db.internal"},
+                "userName": {"value": "etl"},
+                "password": {"secretKeyRef": {"name": "pg", "key": "password"}},
+                "connectionString": {"secretKeyRef": {"name": "pg", "key": "url"}},
+            },
+        })
+    };
+    cluster.create_connection("tested", connection(true)).await;
+    cluster
+        .create_connection("warehouse", connection(false))
+        .await;
+    cluster
+        .wait_for("tested", WAIT, "ConnectionTestFailed", |c| {
+            reason_is(c, "ConnectionTestFailed")
+        })
+        .await;
+    cluster.wait_for("warehouse", WAIT, "Ready", ready).await;
+    fake.edit_connection(
+        "analytics",
+        "warehouse",
+        json!({"postgresConnection": {"host": "elsewhere", "password": format!("{CANARY}-2")}}),
+    );
+    cluster
+        .wait_event("warehouse", "DriftCorrected", WAIT)
+        .await;
+    // Drift reads go on, each GET returning the password and the connection string in clear.
+    let reads = fake.count("GET", "/api/v0/projects/analytics/connections/");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(fake.count("GET", "/api/v0/projects/analytics/connections/") >= reads + 2);
+    assert!(
+        fake.stored("analytics", "warehouse")
+            .unwrap()
+            .to_string()
+            .contains(CANARY),
+        "the server does hold the canary"
+    );
+
+    let mut seen = statuses_and_events(&cluster).await;
+    assert!(
+        seen.contains("[REDACTED]"),
+        "the test's message was redacted"
+    );
+    seen.push_str(&operator.metrics().await);
+    operator.stop().await;
+    let mut store = String::new();
+    for file in std::fs::read_dir(paths.store().parent().unwrap()).unwrap() {
+        store.push_str(&String::from_utf8_lossy(
+            &std::fs::read(file.unwrap().path()).unwrap(),
+        ));
+    }
+    let logs = logs.text();
+    assert!(logs.contains("reconciled"), "the capture works");
+    assert!(
+        logs.contains("credible"),
+        "the capture saw the backend's requests"
+    );
+    assert_no_canary(&[
+        ("status, Events or metrics", &seen),
+        ("the logs", &logs),
+        ("the store's files", &store),
+    ]);
 }

@@ -1,11 +1,11 @@
-//! The core's pure verdicts from fixtures in tests/fixtures/verdicts: drift, and writes the
-//! backend refused.
+//! The core's pure verdicts from fixtures in tests/fixtures/verdicts: drift, writes the
+//! backend refused, and connection tests that failed.
 
 use std::path::Path;
 
 use appconn::backend::Remote;
 use appconn::crd::Reason;
-use appconn::reconcile::verdict::{Drift, RefusedWrites, drift};
+use appconn::reconcile::verdict::{Drift, RefusedWrites, drift, failed_test};
 
 fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,6 +36,7 @@ fn drift_verdicts() {
             connection_name: "c".into(),
             credentials_hash: case.remote_hash.clone(),
             rotation: None,
+            content: None,
         };
         let got = drift(
             case.recorded.as_deref(),
@@ -98,4 +99,39 @@ fn refused_write_verdicts() {
             refused.record("uid-1", attempt, failed);
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FailedTestCase {
+    name: String,
+    reason: String,
+    recorded_hash: Option<String>,
+    hash: String,
+    stands: bool,
+}
+
+#[test]
+fn failed_test_verdicts() {
+    let cases: Vec<FailedTestCase> = fixture("failed-tests.yaml");
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let status: appconn::crd::AppConnectionStatus = serde_json::from_value(serde_json::json!({
+            "credentialsHash": case.recorded_hash,
+            "conditions": [{"type": "Ready", "status": "False", "reason": case.reason,
+                            "message": "the connection test failed: refused",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }))
+        .unwrap();
+        let kept = failed_test(Some(&status), &case.hash);
+        assert_eq!(kept.is_some(), case.stands, "{}", case.name);
+        if let Some(message) = kept {
+            assert_eq!(
+                message, "the connection test failed: refused",
+                "{}",
+                case.name
+            );
+        }
+    }
+    assert_eq!(failed_test(None, "a"), None);
 }

@@ -75,6 +75,19 @@ impl Reply {
     pub fn json_body(&self) -> Option<Value> {
         serde_json::from_slice(&self.body).ok()
     }
+
+    /// The server's message, as `read` finds it in a JSON body, else the status line.
+    pub fn message(&self, read: impl Fn(&Value) -> Option<String>) -> String {
+        self.json_body().as_ref().and_then(read).unwrap_or_else(|| {
+            format!(
+                "HTTP {} {}",
+                self.status.as_u16(),
+                self.status.canonical_reason().unwrap_or("")
+            )
+            .trim_end()
+            .to_string()
+        })
+    }
 }
 
 /// A request body.
@@ -142,6 +155,32 @@ pub trait TokenSource: Send + Sync {
     /// Secret values of the source itself (a client secret) that must never appear in an error
     /// message, even if a server echoes them.
     fn secrets(&self) -> Vec<&str>;
+}
+
+/// A fixed bearer token (an API key): there is no fresh one to ask for, so a refused one is
+/// reported at once.
+pub struct BearerToken(pub SecretString);
+
+#[async_trait]
+impl TokenSource for BearerToken {
+    async fn grant(&self, _http: &Http) -> Result<Grant, GrantError> {
+        Ok(Grant {
+            token: self.0.clone(),
+            lifetime: None,
+        })
+    }
+
+    fn renewable(&self) -> bool {
+        false
+    }
+
+    fn grant_name(&self) -> &'static str {
+        "token"
+    }
+
+    fn secrets(&self) -> Vec<&str> {
+        vec![self.0.expose()]
+    }
 }
 
 /// Plain HTTP to one backend: timeouts, the rate limit with its pause, metrics. No auth.
@@ -330,16 +369,23 @@ impl<'a> Redactor<'a> {
         Self { values: Vec::new() }
     }
 
-    /// Every string credential value of four characters or more. Which fields are secret
-    /// depends on the app, so all of them are hidden: a host name in a message is a smaller
-    /// loss than a password.
+    /// Every string credential value of four characters or more, also inside lists and
+    /// objects (a JSON credential). Which fields are secret depends on the app, so all of them
+    /// are hidden: a host name in a message is a smaller loss than a password.
     pub fn credentials(credentials: &'a Credentials) -> Self {
-        let values = credentials
+        fn strings<'v>(value: &'v Value, out: &mut Vec<&'v str>) {
+            match value {
+                Value::String(text) if text.chars().count() >= 4 => out.push(text),
+                Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+                Value::Object(fields) => fields.values().for_each(|v| strings(v, out)),
+                _ => {}
+            }
+        }
+        let mut values = Vec::new();
+        credentials
             .expose()
             .values()
-            .filter_map(Value::as_str)
-            .filter(|v| v.chars().count() >= 4)
-            .collect();
+            .for_each(|v| strings(v, &mut values));
         Self { values }
     }
 
@@ -495,8 +541,13 @@ impl Client {
     pub fn error(&self, reply: &Reply, message: String) -> BackendError {
         let name = self.http.backend.display_name();
         if self.token_refused(reply) {
+            let token = if self.auth.as_ref().is_some_and(|a| a.source.renewable()) {
+                "a freshly issued token"
+            } else {
+                "the configured token"
+            };
             return BackendError::Auth {
-                message: format!("{name} refused a freshly issued token: {message}"),
+                message: format!("{name} refused {token}: {message}"),
             };
         }
         let retry_after = pause(reply.status, &reply.headers);
@@ -646,15 +697,20 @@ mod tests {
             ("password".to_string(), Value::from("zebra-canary-7781")),
             ("port".to_string(), Value::from(1433)),
             ("db".to_string(), Value::from("abc")),
+            (
+                "attached".to_string(),
+                serde_json::json!([{"s3": {"secret": "nested-canary"}}]),
+            ),
         ]));
         let redact = Redactor::credentials(&credentials);
         let message = redact.apply(
-            "login for abc failed with zebra-canary-7781 and s3cr3t-id on 1433".to_string(),
+            "login for abc failed with zebra-canary-7781 and s3cr3t-id on 1433, nested-canary"
+                .to_string(),
             ["s3cr3t-id"],
         );
         assert_eq!(
             message,
-            "login for abc failed with [REDACTED] and [REDACTED] on 1433"
+            "login for abc failed with [REDACTED] and [REDACTED] on 1433, [REDACTED]"
         );
         assert_eq!(Redactor::none().apply("plain".into(), [""]), "plain");
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::credible::{CredibleBackend, CredibleConfig};
 use super::infisical::{InfisicalBackend, InfisicalConfig};
 use super::{Backend, BackendLookupError};
 use crate::crd::{BackendProvider, Provider, SecretValueSource};
@@ -93,12 +94,20 @@ impl Factory {
                     InfisicalBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
                 Ok(Arc::new(backend))
             }
-            Provider::Credible(_) | Provider::Matillion(_) => {
-                Err(BackendLookupError::NotReady(format!(
-                    "provider {:?} is not supported by this version of appconn",
-                    typed.type_().as_str()
-                )))
+            Provider::Credible(credible) => {
+                let token = match &credible.token {
+                    Some(token) => Some(read(secrets, token).await?),
+                    None => None,
+                };
+                let config = CredibleConfig::from_provider(credible, provider.rate_limit, token);
+                let backend =
+                    CredibleBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
+                Ok(Arc::new(backend))
             }
+            Provider::Matillion(_) => Err(BackendLookupError::NotReady(format!(
+                "provider {:?} is not supported by this version of appconn",
+                typed.type_().as_str()
+            ))),
         }
     }
 }
@@ -110,10 +119,11 @@ pub fn check_spec(provider: &BackendProvider) -> Result<(), BackendLookupError> 
         .provider()
         .map_err(|message| BackendLookupError::InvalidSpec(message.into()))?;
     match typed {
-        Provider::Builtin | Provider::Credible(_) | Provider::Matillion(_) => Ok(()),
+        Provider::Builtin | Provider::Matillion(_) => Ok(()),
         Provider::Infisical(infisical) => {
             InfisicalBackend::check_spec(infisical).map_err(spec_error)
         }
+        Provider::Credible(credible) => CredibleBackend::check_spec(credible).map_err(spec_error),
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod builtin;
 pub mod client;
+pub mod credible;
 mod factory;
 pub mod http;
 pub mod infisical;
@@ -71,6 +72,10 @@ pub struct Remote {
     /// operator hash stored with the record.
     pub credentials_hash: Option<String>,
     pub rotation: Option<RemoteRotation>,
+    /// The object's content as the backend returned it, for [`Backend::content_differs`] where
+    /// the backend keeps no hash (Credible). It may hold secrets: it cannot be printed, and is
+    /// compared, never stored.
+    pub content: Option<Credentials>,
 }
 
 /// The verdict of a connection test.

@@ -406,7 +406,7 @@ impl StatusContext {
                 transient.remove(&uid);
                 // Refused credentials are tried again at the normal pace (the client holds a
                 // refused grant back anyway); a Secret change brings a check with a new client.
-                Verdict::Report(Checked::failed(e.reason(), e.to_string(), Next::Periodic))
+                Verdict::Report(Checked::failed(check_reason(&e), e.to_string(), Next::Periodic))
             }
             Ok(checked) => {
                 transient.remove(&uid);
@@ -545,6 +545,18 @@ impl StatusContext {
     }
 }
 
+/// A failed check as the backend resource's reason: refused credentials and outages keep
+/// theirs; anything else the server refused (a project that does not exist, a URL with no API
+/// behind it) means the backend is not ready for its connections.
+fn check_reason(e: &backend::BackendError) -> Reason {
+    match e {
+        backend::BackendError::Rejected { .. } | backend::BackendError::NotFound => {
+            Reason::BackendNotReady
+        }
+        other => other.reason(),
+    }
+}
+
 fn ready_str(ready: bool) -> &'static str {
     if ready { "True" } else { "False" }
 }
@@ -643,6 +655,28 @@ mod tests {
         assert_eq!(failed.conditions[0].status, "False");
         assert_eq!(failed.conditions[0].reason, "BackendAuthFailed");
         assert_eq!(failed.conditions[0].last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn a_refused_check_is_not_ready_unless_it_is_about_credentials_or_an_outage() {
+        use backend::BackendError;
+        let rejected = BackendError::Rejected {
+            message: "no project".into(),
+        };
+        let auth = BackendError::Auth {
+            message: "refused".into(),
+        };
+        let down = BackendError::Unavailable {
+            message: "timed out".into(),
+            retry_after: None,
+        };
+        assert_eq!(check_reason(&rejected), Reason::BackendNotReady);
+        assert_eq!(
+            check_reason(&BackendError::NotFound),
+            Reason::BackendNotReady
+        );
+        assert_eq!(check_reason(&auth), Reason::BackendAuthFailed);
+        assert_eq!(check_reason(&down), Reason::BackendUnavailable);
     }
 
     #[test]

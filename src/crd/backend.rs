@@ -137,21 +137,25 @@ pub struct ClientCredentials {
     pub client_secret: SecretValueSource,
 }
 
-/// A Credible Data (Malloy Publisher) server.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// A Credible Data server (its data API is served by Malloy Publisher).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CredibleProvider {
-    /// API base, e.g. `https://acme.data.credibledata.com/api/v0`.
+    /// API base, e.g. `https://acme.data.credibledata.com/api/v0`, or a Publisher server's
+    /// `http://publisher:4000/api/v0`.
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,
-    /// Project (environment) that holds the connections.
+    /// Project (environment) that holds the connections, for AppConnections that do not set
+    /// `spec.project`.
     #[schemars(length(min = 1, max = 256))]
     pub project: String,
-    /// Path segment before the project: `projects` (default) or `environments`.
+    /// Path segment before the project: `projects` (default) or `environments`, the name
+    /// newer servers use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self == 'projects' || self == 'environments'").message("credible.pathSegment must be projects or environments"))]
     pub path_segment: Option<String>,
-    /// Bearer token; the open-source server needs none.
+    /// Bearer token (hosted Credible); the open-source Publisher server needs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<SecretValueSource>,
 }

@@ -111,6 +111,13 @@ pub struct AppConnectionSpec {
     /// Stop reconciling: nothing is written to the backend until this is false again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
+
+    /// Test the connection at the backend after each write (Credible's connection test): a
+    /// failed test makes the connection not Ready with reason `ConnectionTestFailed` and the
+    /// backend's message, until a change passes it. Backends without a test ignore it
+    /// (Infisical checks credentials on every write; the built-in store cannot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_connection: Option<bool>,
 }
 
 /// The backend resource an AppConnection uses.
@@ -316,5 +323,10 @@ impl AppConnection {
 
     pub fn suspended(&self) -> bool {
         self.spec.suspend.unwrap_or(false)
+    }
+
+    /// Whether the connection is tested after each write.
+    pub fn tests_connection(&self) -> bool {
+        self.spec.test_connection.unwrap_or(false)
     }
 }

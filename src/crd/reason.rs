@@ -18,10 +18,11 @@ pub enum Reason {
     AlreadyExists,
     RotationFailed,
     RotationOverdue,
+    ConnectionTestFailed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Synced,
         Reason::Suspended,
         Reason::Deleting,
@@ -37,6 +38,7 @@ impl Reason {
         Reason::AlreadyExists,
         Reason::RotationFailed,
         Reason::RotationOverdue,
+        Reason::ConnectionTestFailed,
     ];
 
     /// The reason a condition carries, if it is one of ours.
@@ -61,6 +63,7 @@ impl Reason {
             Reason::AlreadyExists => "AlreadyExists",
             Reason::RotationFailed => "RotationFailed",
             Reason::RotationOverdue => "RotationOverdue",
+            Reason::ConnectionTestFailed => "ConnectionTestFailed",
         }
     }
 }

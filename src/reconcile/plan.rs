@@ -136,7 +136,7 @@ pub fn desired(
             "field {field:?} is both a credential and a setting: keep it in one place"
         )));
     }
-    let canonical = canonical_json(&json!({
+    let mut content = json!({
         "app": target.app,
         "method": target.method,
         "connectionName": target.connection_name,
@@ -147,8 +147,13 @@ pub fn desired(
         "rotation": rotation.map(|r| json!({
             "intervalDays": r.interval_days, "hours": r.hours, "minutes": r.minutes
         })),
-    }));
-    let credentials_hash = key.hash(canonical.as_bytes());
+    });
+    // A test asked for is part of what a write does, so turning it on writes (and tests)
+    // once. Only then: the hash of an untested connection is what it always was.
+    if conn.tests_connection() {
+        content["testConnection"] = true.into();
+    }
+    let credentials_hash = key.hash(canonical_json(&content).as_bytes());
     Ok(Desired {
         target,
         description: conn.spec.description.clone(),

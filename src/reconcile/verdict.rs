@@ -70,6 +70,15 @@ impl RefusedWrites {
     }
 }
 
+/// The message of a connection test that failed for the content recorded in `status`: it
+/// stands, without testing again, while `hash` (the content declared now) is that content.
+pub fn failed_test<'a>(status: Option<&'a AppConnectionStatus>, hash: &str) -> Option<&'a str> {
+    let condition = super::status::ready_condition(status)?;
+    let tested = status?.credentials_hash.as_deref() == Some(hash);
+    (tested && condition.reason == Reason::ConnectionTestFailed.as_str())
+        .then_some(condition.message.as_str())
+}
+
 /// The last reconcile of this generation was refused because the name is taken by an object
 /// appconn did not create: a new create would be refused again.
 pub fn refused_as_taken(status: Option<&AppConnectionStatus>, generation: Option<i64>) -> bool {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use appconn::controller::leader::LeaseConfig;
 use appconn::controller::operator::{self, OperatorOptions};
-use appconn::crd::{AppConnection, ConnectionBackend};
+use appconn::crd::{AppConnection, ConnectionBackend, ConnectionBackendStatus};
 use appconn_testkit::apiserver::TestApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -121,6 +121,47 @@ impl Cluster {
             .unwrap()
     }
 
+    pub fn backends(&self) -> Api<ConnectionBackend> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates a ConnectionBackend from a spec.
+    pub async fn create_backend(&self, name: &str, spec: serde_json::Value) {
+        let backend: ConnectionBackend = serde_json::from_value(serde_json::json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "ConnectionBackend",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.backends()
+            .create(&PostParams::default(), &backend)
+            .await
+            .unwrap();
+    }
+
+    /// Polls the backend until `check` holds on its status, failing after `timeout`.
+    pub async fn wait_backend(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&ConnectionBackendStatus) -> bool,
+    ) -> ConnectionBackend {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let backend = self.backends().get(name).await.unwrap();
+            if backend.status.as_ref().is_some_and(&check) {
+                return backend;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: timed out waiting for {what}; last seen: {:?}",
+                backend.status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls `get` of the connection until `check` holds, failing after `timeout`.
     pub async fn wait_for(
         &self,
@@ -166,6 +207,46 @@ impl Cluster {
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
             .collect()
+    }
+
+    /// (reason, note) of the Events about object `name`.
+    pub async fn event_notes(&self, name: &str) -> Vec<(String, String)> {
+        self.events_about(name)
+            .await
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    /// What a crash after a backend create and before the status write leaves behind: the
+    /// connection marked create-pending with an empty status. Returns it as stored then.
+    pub async fn forget_status(&self, name: &str) -> AppConnection {
+        let api = self.connections();
+        let empty = serde_json::json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "AppConnection", "status": {},
+        });
+        api.patch_status(
+            name,
+            &PatchParams::apply(appconn::crd::FIELD_MANAGER).force(),
+            &Patch::Apply(empty),
+        )
+        .await
+        .unwrap();
+        let conn = api.get(name).await.unwrap();
+        assert!(conn.status.as_ref().and_then(|s| s.id.as_ref()).is_none());
+        assert!(
+            conn.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(appconn::crd::CREATE_PENDING))
+        );
+        conn
+    }
+
+    /// Waits for an Event about object `name` with this reason, and returns its note.
+    pub async fn wait_event_note(&self, name: &str, reason: &str, timeout: Duration) -> String {
+        let event = self.wait_event(name, reason, timeout).await;
+        event.note.unwrap_or_default()
     }
 
     /// Waits for an Event about object `name` with this reason, and returns it.
@@ -279,6 +360,20 @@ pub fn condition(conn: &AppConnection) -> Option<(String, String, String)> {
 
 pub fn reason_is(conn: &AppConnection, reason: &str) -> bool {
     condition(conn).is_some_and(|(_, r, _)| r == reason)
+}
+
+pub fn backend_ready(status: &ConnectionBackendStatus) -> bool {
+    backend_condition(status).is_some_and(|(s, _, _)| s == "True")
+}
+
+pub fn backend_reason(status: &ConnectionBackendStatus, reason: &str) -> bool {
+    backend_condition(status).is_some_and(|(_, r, _)| r == reason)
+}
+
+/// (status, reason, message) of a backend's Ready condition.
+pub fn backend_condition(status: &ConnectionBackendStatus) -> Option<(String, String, String)> {
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 /// A running operator; stopped (gracefully) by `stop` or when dropped.

@@ -246,19 +246,7 @@ fn written(reply: &Reply, op: &str) -> Result<Remote, BackendError> {
 
 /// The server's `message` (422 issue arrays joined), else the status line.
 fn message(reply: &Reply) -> String {
-    reply
-        .json_body()
-        .as_ref()
-        .and_then(mapping::error_message)
-        .unwrap_or_else(|| {
-            format!(
-                "HTTP {} {}",
-                reply.status.as_u16(),
-                reply.status.canonical_reason().unwrap_or("")
-            )
-            .trim_end()
-            .to_string()
-        })
+    reply.message(mapping::error_message)
 }
 
 #[async_trait]

@@ -3,6 +3,7 @@
 use super::{
     EnvError, Environment, Event, Failure, Options, Outcome, Reconciler, Requeue, Stop, Verb,
     lookup_failure, object_key, observation, planned, rotation_problem, synced_message,
+    warn_if_new,
 };
 use crate::backend::{Backend, BackendError, Desired, Remote};
 use crate::crd::{AppConnection, Reason};
@@ -68,7 +69,7 @@ impl Reconciler {
             });
         }
         if let Action::Noop { .. } = action {
-            let obs = Observation {
+            let mut obs = Observation {
                 ready: true,
                 reason: Reason::Synced,
                 message: synced_message(&info),
@@ -76,6 +77,7 @@ impl Reconciler {
                 written_hash: None,
                 rotation_enabled,
             };
+            keep_failed_test(conn, &desired, &mut obs);
             let requeue = Requeue::After(opts.refresh);
             return self
                 .finish(env, conn, Some(&info), obs, Verb::Noop, requeue, 0, opts)
@@ -121,7 +123,7 @@ impl Reconciler {
             .record(&key, attempt, refused);
         match applied {
             Ok(applied) => {
-                self.applied(env, conn, &info, &desired, applied, opts)
+                self.applied(env, conn, &info, backend.as_ref(), &desired, applied, opts)
                     .await
             }
             Err(failure) => {
@@ -133,12 +135,15 @@ impl Reconciler {
         }
     }
 
-    /// A successful step: its Event, a rotation problem the backend reports, the status.
+    /// A successful step: its Event, a rotation problem the backend reports, the connection
+    /// test after a write where one is asked for, the status.
+    #[allow(clippy::too_many_arguments)]
     async fn applied(
         &self,
         env: &dyn Environment,
         conn: &AppConnection,
         info: &BackendInfo,
+        backend: &dyn Backend,
         desired: &Desired,
         applied: Applied,
         opts: Options,
@@ -156,7 +161,7 @@ impl Reconciler {
             }
             message = format!("{message}; {detail}");
         }
-        let obs = Observation {
+        let mut obs = Observation {
             ready: true,
             reason: Reason::Synced,
             message,
@@ -164,8 +169,38 @@ impl Reconciler {
             written_hash: applied.written.then(|| desired.credentials_hash.clone()),
             rotation_enabled: desired.rotation.is_some(),
         };
+        let mut requeue = Requeue::After(opts.refresh);
+        if !applied.written {
+            keep_failed_test(conn, desired, &mut obs);
+        } else if conn.tests_connection() {
+            let failed = match backend.test_connection(desired).await {
+                Ok(Some(test)) if !test.ok => {
+                    Some(format!("the connection test failed: {}", test.message))
+                }
+                Ok(_) => None,
+                // Written but not tested: the write and its test are tried again.
+                Err(e) if e.is_transient() => {
+                    let failure = Failure::from(e);
+                    requeue = failure.requeue();
+                    obs.written_hash = None;
+                    obs.ready = false;
+                    obs.reason = failure.reason;
+                    obs.message = format!(
+                        "written, but the connection test could not run: {}",
+                        failure.message
+                    );
+                    None
+                }
+                Err(e) => Some(format!("the connection test could not run: {e}")),
+            };
+            if let Some(message) = failed {
+                obs.ready = false;
+                obs.reason = Reason::ConnectionTestFailed;
+                obs.message = message;
+            }
+        }
+        warn_if_new(env, conn, &obs, opts).await;
         let writes = u32::from(applied.written);
-        let requeue = Requeue::After(opts.refresh);
         self.finish(
             env,
             conn,
@@ -364,6 +399,16 @@ impl Reconciler {
             written: true,
             event: Some(("Recreated", note)),
         })
+    }
+}
+
+/// A connection test that failed for the content written stands, without a new test, until
+/// that content changes.
+fn keep_failed_test(conn: &AppConnection, desired: &Desired, obs: &mut Observation) {
+    if let Some(message) = verdict::failed_test(conn.status.as_ref(), &desired.credentials_hash) {
+        obs.ready = false;
+        obs.reason = Reason::ConnectionTestFailed;
+        obs.message = message.to_string();
     }
 }
 

@@ -175,16 +175,7 @@ impl Reconciler {
         requeue: Requeue,
         opts: Options,
     ) -> Result<Outcome, EnvError> {
-        let prior = status::ready_condition(conn.status.as_ref());
-        let changed =
-            prior.is_none_or(|c| c.reason != obs.reason.as_str() || c.message != obs.message);
-        if changed && !opts.dry_run {
-            env.event(
-                conn,
-                Event::warning(obs.reason.as_str(), obs.message.clone()),
-            )
-            .await;
-        }
+        warn_if_new(env, conn, &obs, opts).await;
         self.finish(env, conn, info, obs, Verb::Error, requeue, 0, opts)
             .await
     }
@@ -221,6 +212,25 @@ impl Reconciler {
             requeue,
             backend_writes,
         })
+    }
+}
+
+/// A Warning Event for a not-ready observation whose reason or message the Ready condition
+/// does not already say.
+async fn warn_if_new(
+    env: &dyn Environment,
+    conn: &AppConnection,
+    obs: &Observation,
+    opts: Options,
+) {
+    let prior = status::ready_condition(conn.status.as_ref());
+    let changed = prior.is_none_or(|c| c.reason != obs.reason.as_str() || c.message != obs.message);
+    if !obs.ready && changed && !opts.dry_run {
+        env.event(
+            conn,
+            Event::warning(obs.reason.as_str(), obs.message.clone()),
+        )
+        .await;
     }
 }
 

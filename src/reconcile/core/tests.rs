@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use serde_json::json;
 
 use super::*;
-use crate::backend::{Backend, BackendError, Remote, Target};
+use crate::backend::{Backend, BackendError, ConnectionTest, Remote, Target};
 use crate::crd::{AppConnectionStatus, CREATE_PENDING, FINALIZER};
 
 /// A resource kept in memory, as the API server would keep it, with a log of the writes.
@@ -95,6 +95,10 @@ struct Scripted {
     rotates: Mutex<bool>,
     /// Fail deletes as unavailable.
     unavailable: Mutex<bool>,
+    /// The failure the next connection tests report (None: they pass).
+    test_failure: Mutex<Option<String>>,
+    /// Connection tests cannot run.
+    test_unavailable: Mutex<bool>,
 }
 
 impl Scripted {
@@ -110,6 +114,7 @@ impl Scripted {
             connection_name: name.into(),
             credentials_hash: Some(hash.into()),
             rotation: None,
+            content: None,
         }
     }
     fn insert(&self, name: &str) -> String {
@@ -198,6 +203,20 @@ impl Backend for Scripted {
     }
     fn content_differs(&self, _: &Desired, _: &Remote) -> Option<bool> {
         *self.content_differs.lock().unwrap()
+    }
+    async fn test_connection(&self, _: &Desired) -> Result<Option<ConnectionTest>, BackendError> {
+        self.call("test");
+        if *self.test_unavailable.lock().unwrap() {
+            return Err(BackendError::Unavailable {
+                message: "HTTP 503".into(),
+                retry_after: None,
+            });
+        }
+        let failure = self.test_failure.lock().unwrap().clone();
+        Ok(Some(ConnectionTest {
+            ok: failure.is_none(),
+            message: failure.unwrap_or_default(),
+        }))
     }
 }
 
@@ -455,4 +474,119 @@ async fn a_dry_run_plans_and_changes_nothing() {
     assert_eq!(planned.message, "would create");
     assert!(env.backend.calls().is_empty());
     assert!(writes(&env).is_empty());
+}
+
+fn tested() -> serde_json::Value {
+    let mut s = spec();
+    s["testConnection"] = json!(true);
+    s
+}
+
+fn status(env: &MemoryEnv) -> AppConnectionStatus {
+    env.conn.lock().unwrap().status.clone().unwrap()
+}
+
+#[tokio::test]
+async fn a_failed_connection_test_stands_until_the_content_changes() {
+    let (core, env) = (core(), env(tested()));
+    *env.backend.test_failure.lock().unwrap() =
+        Some("password authentication failed for user \"etl\"".into());
+    let outcome = run(&core, &env, false).await.unwrap();
+    assert_eq!(outcome.action, Verb::Create);
+    assert!(!outcome.ready);
+    assert_eq!(outcome.reason, Reason::ConnectionTestFailed);
+    assert_eq!(
+        outcome.message,
+        "the connection test failed: password authentication failed for user \"etl\""
+    );
+    assert_eq!(outcome.requeue, Requeue::After(None));
+    let written = status(&env);
+    assert_eq!(written.id.as_deref(), Some("id-1"), "the write is recorded");
+    assert!(written.credentials_hash.is_some());
+    assert_eq!(writes(&env), ["mark pending=true", "status"]);
+    let events: Vec<_> = env
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| (e.type_, e.reason))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (EventType::Normal, "Created"),
+            (EventType::Warning, "ConnectionTestFailed")
+        ]
+    );
+
+    // Nothing changed: the verdict stands, with no test, no write and no status write.
+    for verify in [false, true] {
+        let again = run(&core, &env, verify).await.unwrap();
+        assert_eq!(
+            again.reason,
+            Reason::ConnectionTestFailed,
+            "verify={verify}"
+        );
+        assert!(writes(&env).is_empty());
+    }
+    assert_eq!(env.backend.calls(), ["create", "test", "get"]);
+    assert_eq!(env.events.lock().unwrap().len(), 2, "no repeated Event");
+
+    // A change is written and tested again; passing clears the failure.
+    *env.backend.test_failure.lock().unwrap() = None;
+    let mut changed = env.conn.lock().unwrap().clone();
+    changed.spec.description = Some("fixed".into());
+    changed.metadata.generation = Some(2);
+    *env.conn.lock().unwrap() = changed;
+    let fixed = run(&core, &env, false).await.unwrap();
+    assert_eq!((fixed.action, fixed.ready), (Verb::Update, true));
+    assert_eq!(fixed.reason, Reason::Synced);
+    assert_eq!(
+        env.backend.calls(),
+        ["create", "test", "get", "update", "test"]
+    );
+}
+
+#[tokio::test]
+async fn a_test_that_cannot_run_is_tried_again_with_its_write() {
+    let (core, env) = (core(), env(tested()));
+    *env.backend.test_unavailable.lock().unwrap() = true;
+    let outcome = run(&core, &env, false).await.unwrap();
+    assert_eq!(outcome.reason, Reason::BackendUnavailable);
+    assert!(
+        outcome
+            .message
+            .starts_with("written, but the connection test could not run"),
+        "{}",
+        outcome.message
+    );
+    assert_eq!(outcome.requeue, Requeue::Backoff { retry_after: None });
+    let written = status(&env);
+    assert_eq!(written.id.as_deref(), Some("id-1"), "the object is known");
+    assert!(written.credentials_hash.is_none(), "but not as tested");
+
+    *env.backend.test_unavailable.lock().unwrap() = false;
+    let retried = run(&core, &env, false).await.unwrap();
+    assert_eq!((retried.action, retried.ready), (Verb::Update, true));
+    assert_eq!(env.backend.calls(), ["create", "test", "update", "test"]);
+}
+
+#[tokio::test]
+async fn without_test_connection_nothing_is_tested() {
+    let (core, env) = (core(), env(spec()));
+    *env.backend.test_failure.lock().unwrap() = Some("never asked".into());
+    let outcome = run(&core, &env, false).await.unwrap();
+    assert!(outcome.ready);
+    assert_eq!(env.backend.calls(), ["create"]);
+    let untested = status(&env).credentials_hash;
+
+    // Turning the test on is a change: written and tested once.
+    let mut on = env.conn.lock().unwrap().clone();
+    on.spec.test_connection = Some(true);
+    on.metadata.generation = Some(2);
+    *env.conn.lock().unwrap() = on;
+    let outcome = run(&core, &env, false).await.unwrap();
+    assert_eq!(outcome.reason, Reason::ConnectionTestFailed);
+    assert_ne!(status(&env).credentials_hash, untested);
+    assert_eq!(env.backend.calls(), ["create", "update", "test"]);
 }
