@@ -36,6 +36,7 @@ fn drift_verdicts() {
             connection_name: "c".into(),
             credentials_hash: case.remote_hash.clone(),
             rotation: None,
+            content: None,
         };
         let got = drift(
             case.recorded.as_deref(),

@@ -42,6 +42,7 @@ impl BuiltinBackend {
             rotation: record
                 .rotation
                 .map(|_| rotation_status(&record.rotation_state, (self.clock)())),
+            content: None,
         }
     }
 

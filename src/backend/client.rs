@@ -66,6 +66,17 @@ impl Reply {
     pub fn json_body(&self) -> Option<Value> {
         serde_json::from_slice(&self.body).ok()
     }
+
+    /// `HTTP 404 Not Found`: the message of an error body that says nothing readable.
+    pub fn status_line(&self) -> String {
+        format!(
+            "HTTP {} {}",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or("")
+        )
+        .trim_end()
+        .to_string()
+    }
 }
 
 /// A request body.
@@ -89,6 +100,23 @@ pub enum GrantError {
     Refused(String),
     /// Transient or unusable answer: the usual retry rules apply.
     Failed(BackendError),
+}
+
+impl GrantError {
+    /// What a grant's unsuccessful `reply` means: 429 and 5xx are transient (with their
+    /// `Retry-After`), any other status refuses the credentials. `grant` names the request
+    /// ("Universal Auth login"); `message` is the server's, already redacted.
+    pub fn from_reply(reply: &Reply, grant: &str, message: &str) -> Self {
+        let status = reply.status.as_u16();
+        if reply.status == StatusCode::TOO_MANY_REQUESTS || reply.status.is_server_error() {
+            GrantError::Failed(BackendError::Unavailable {
+                message: format!("{grant} answered HTTP {status}: {message}"),
+                retry_after: http::retry_after(&reply.headers),
+            })
+        } else {
+            GrantError::Refused(format!("{grant} refused (HTTP {status}): {message}"))
+        }
+    }
 }
 
 impl From<BackendError> for GrantError {

@@ -11,6 +11,7 @@ pub mod infisical;
 pub mod ratelimit;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +72,20 @@ pub struct Remote {
     /// operator hash stored with the record.
     pub credentials_hash: Option<String>,
     pub rotation: Option<RemoteRotation>,
+    /// The object's content as read back, for a backend whose drift check compares content
+    /// ([`Backend::content_differs`]); None where a hash stands in for it.
+    pub content: Option<Content>,
+}
+
+/// Content a backend returned for an object. Its `Debug` shows no value: what a backend
+/// returns may hold secrets.
+#[derive(Clone, PartialEq)]
+pub struct Content(pub Value);
+
+impl fmt::Debug for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Content(..)")
+    }
 }
 
 /// The verdict of a connection test.

@@ -128,6 +128,7 @@ mod tests {
                 connection_name: "c".into(),
                 credentials_hash: Some("b1".into()),
                 rotation: None,
+                content: None,
             }),
             written_hash: written.map(str::to_string),
             rotation_enabled: false,

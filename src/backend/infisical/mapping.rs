@@ -199,6 +199,7 @@ pub fn remote(body: &Value) -> Result<Remote, BackendError> {
         connection_name,
         credentials_hash: text(connection, "credentialsHash"),
         rotation,
+        content: None,
     })
 }
 

@@ -249,15 +249,7 @@ fn message(reply: &Reply) -> String {
         .json_body()
         .as_ref()
         .and_then(mapping::error_message)
-        .unwrap_or_else(|| {
-            format!(
-                "HTTP {} {}",
-                reply.status.as_u16(),
-                reply.status.canonical_reason().unwrap_or("")
-            )
-            .trim_end()
-            .to_string()
-        })
+        .unwrap_or_else(|| reply.status_line())
 }
 
 #[async_trait]

@@ -110,6 +110,7 @@ impl Scripted {
             connection_name: name.into(),
             credentials_hash: Some(hash.into()),
             rotation: None,
+            content: None,
         }
     }
     fn insert(&self, name: &str) -> String {
