@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::infisical::{InfisicalBackend, InfisicalConfig};
+use super::matillion::{MatillionBackend, MatillionConfig};
 use super::{Backend, BackendLookupError};
 use crate::crd::{BackendProvider, Provider, SecretValueSource};
 use crate::metrics::Metrics;
@@ -93,12 +94,23 @@ impl Factory {
                     InfisicalBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
                 Ok(Arc::new(backend))
             }
-            Provider::Credible(_) | Provider::Matillion(_) => {
-                Err(BackendLookupError::NotReady(format!(
-                    "provider {:?} is not supported by this version of appconn",
-                    typed.type_().as_str()
-                )))
+            Provider::Matillion(matillion) => {
+                let client_id = read(secrets, &matillion.auth.client_id).await?;
+                let client_secret = read(secrets, &matillion.auth.client_secret).await?;
+                let config = MatillionConfig::from_provider(
+                    matillion,
+                    provider.rate_limit,
+                    client_id,
+                    client_secret,
+                );
+                let backend =
+                    MatillionBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
+                Ok(Arc::new(backend))
             }
+            Provider::Credible(_) => Err(BackendLookupError::NotReady(format!(
+                "provider {:?} is not supported by this version of appconn",
+                typed.type_().as_str()
+            ))),
         }
     }
 }
@@ -110,9 +122,12 @@ pub fn check_spec(provider: &BackendProvider) -> Result<(), BackendLookupError> 
         .provider()
         .map_err(|message| BackendLookupError::InvalidSpec(message.into()))?;
     match typed {
-        Provider::Builtin | Provider::Credible(_) | Provider::Matillion(_) => Ok(()),
+        Provider::Builtin | Provider::Credible(_) => Ok(()),
         Provider::Infisical(infisical) => {
             InfisicalBackend::check_spec(infisical).map_err(spec_error)
+        }
+        Provider::Matillion(matillion) => {
+            MatillionBackend::check_spec(matillion).map_err(spec_error)
         }
     }
 }

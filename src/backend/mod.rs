@@ -8,6 +8,7 @@ pub mod client;
 mod factory;
 pub mod http;
 pub mod infisical;
+pub mod matillion;
 pub mod ratelimit;
 
 use std::collections::BTreeMap;
