@@ -6,14 +6,17 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appconn::crd::{
     AppConnection, CREATE_PENDING, ConnectionBackend, ConnectionBackendStatus, FIELD_MANAGER,
 };
 use appconn_testkit::fake::infisical::FakeInfisical;
-use common::{Cluster, Operator, OperatorSettings, Paths, condition, eventually, ready, reason_is};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use common::{
+    Cluster, Operator, OperatorSettings, Paths, backend_condition, backend_ready, backend_reason,
+    condition, eventually, ready, reason_is,
+};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
@@ -56,7 +59,7 @@ impl Env {
     }
 
     fn backends(&self) -> Api<ConnectionBackend> {
-        Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace)
+        self.cluster.backends()
     }
 
     /// A ConnectionBackend for the fake, its identity read from Secret `secret`.
@@ -76,16 +79,7 @@ impl Env {
     }
 
     async fn create_backend_with(&self, name: &str, spec: Value) {
-        let backend: ConnectionBackend = serde_json::from_value(json!({
-            "apiVersion": "appconn.io/v1alpha1", "kind": "ConnectionBackend",
-            "metadata": {"name": name, "namespace": self.cluster.namespace},
-            "spec": spec,
-        }))
-        .unwrap();
-        self.backends()
-            .create(&PostParams::default(), &backend)
-            .await
-            .unwrap();
+        self.cluster.create_backend(name, spec).await;
     }
 
     /// Polls the backend until `check` holds.
@@ -95,19 +89,7 @@ impl Env {
         what: &str,
         check: impl Fn(&ConnectionBackendStatus) -> bool,
     ) -> ConnectionBackend {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let backend = self.backends().get(name).await.unwrap();
-            if backend.status.as_ref().is_some_and(&check) {
-                return backend;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}: timed out waiting for {what}; last seen: {:?}",
-                backend.status
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.cluster.wait_backend(name, WAIT, what, check).await
     }
 
     /// The three quickstart Secrets, in the test's namespace.
@@ -230,20 +212,6 @@ fn key_vault(backend: &str) -> Value {
         "credentialsFrom": [{"secretRef": {"name": "key-vault-app"}}],
         "rotation": {"enabled": true, "intervalDays": 30, "rotateAtUtc": {"hours": 11, "minutes": 29}},
     })
-}
-
-fn backend_ready(status: &ConnectionBackendStatus) -> bool {
-    backend_condition(status).is_some_and(|(s, _, _)| s == "True")
-}
-
-fn backend_reason(status: &ConnectionBackendStatus, reason: &str) -> bool {
-    backend_condition(status).is_some_and(|(_, r, _)| r == reason)
-}
-
-/// (status, reason, message) of a backend's Ready condition.
-fn backend_condition(status: &ConnectionBackendStatus) -> Option<(String, String, String)> {
-    let c = status.conditions.iter().find(|c| c.type_ == "Ready")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 fn writes_to_fake(fake: &FakeInfisical) -> (usize, usize, usize) {

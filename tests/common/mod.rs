@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use appconn::controller::leader::LeaseConfig;
 use appconn::controller::operator::{self, OperatorOptions};
-use appconn::crd::{AppConnection, ConnectionBackend};
+use appconn::crd::{AppConnection, ConnectionBackend, ConnectionBackendStatus};
 use appconn_testkit::apiserver::TestApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -119,6 +119,46 @@ impl Cluster {
             .create(&PostParams::default(), &conn)
             .await
             .unwrap()
+    }
+
+    pub fn backends(&self) -> Api<ConnectionBackend> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates a ConnectionBackend from a spec.
+    pub async fn create_backend(&self, name: &str, spec: serde_json::Value) {
+        let backend: ConnectionBackend = serde_json::from_value(serde_json::json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "ConnectionBackend",
+            "metadata": {"name": name, "namespace": self.namespace}, "spec": spec,
+        }))
+        .unwrap();
+        self.backends()
+            .create(&PostParams::default(), &backend)
+            .await
+            .unwrap();
+    }
+
+    /// Polls a ConnectionBackend until `check` holds for its status, failing after `timeout`.
+    pub async fn wait_backend(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&ConnectionBackendStatus) -> bool,
+    ) -> ConnectionBackend {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let backend = self.backends().get(name).await.unwrap();
+            if backend.status.as_ref().is_some_and(&check) {
+                return backend;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: timed out waiting for {what}; last seen: {:?}",
+                backend.status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls `get` of the connection until `check` holds, failing after `timeout`.
@@ -279,6 +319,20 @@ pub fn condition(conn: &AppConnection) -> Option<(String, String, String)> {
 
 pub fn reason_is(conn: &AppConnection, reason: &str) -> bool {
     condition(conn).is_some_and(|(_, r, _)| r == reason)
+}
+
+/// (status, reason, message) of a backend's Ready condition.
+pub fn backend_condition(status: &ConnectionBackendStatus) -> Option<(String, String, String)> {
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+pub fn backend_ready(status: &ConnectionBackendStatus) -> bool {
+    backend_condition(status).is_some_and(|(s, _, _)| s == "True")
+}
+
+pub fn backend_reason(status: &ConnectionBackendStatus, reason: &str) -> bool {
+    backend_condition(status).is_some_and(|(_, r, _)| r == reason)
 }
 
 /// A running operator; stopped (gracefully) by `stop` or when dropped.
