@@ -11,14 +11,13 @@ mod common;
 use std::fmt;
 use std::time::Duration;
 
-use appconn::crd::{AppConnection, CREATE_PENDING, FIELD_MANAGER};
+use appconn::crd::AppConnection;
 use appconn_testkit::fake::matillion::FakeMatillion;
 use appconn_testkit::fake::server::retry_after_violations;
 use common::{
     Cluster, Operator, OperatorSettings, Paths, backend_condition, backend_ready, backend_reason,
     condition, eventually, ready, reason_is,
 };
-use kube::ResourceExt;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -487,20 +486,7 @@ async fn restart_between_create_and_status_write_leaves_no_duplicate() {
     let id = env.id_of(&conn);
     operator.stop().await;
 
-    // What a crash after the create and before the status write leaves behind.
-    let api = env.cluster.connections();
-    api.patch_status(
-        "warehouse",
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(
-            json!({"apiVersion": "appconn.io/v1alpha1", "kind": "AppConnection", "status": {}}),
-        ),
-    )
-    .await
-    .unwrap();
-    let conn = api.get("warehouse").await.unwrap();
-    assert!(conn.status.as_ref().and_then(|s| s.id.as_ref()).is_none());
-    assert!(conn.annotations().contains_key(CREATE_PENDING));
+    env.cluster.lose_status("warehouse").await;
 
     let operator = env.operator(OperatorSettings::default()).await;
     let conn = env

@@ -67,15 +67,18 @@ impl Reply {
         serde_json::from_slice(&self.body).ok()
     }
 
-    /// `HTTP 404 Not Found`: the message of an error body that says nothing readable.
-    pub fn status_line(&self) -> String {
-        format!(
-            "HTTP {} {}",
-            self.status.as_u16(),
-            self.status.canonical_reason().unwrap_or("")
-        )
-        .trim_end()
-        .to_string()
+    /// The message of an error reply: what `read` finds in its JSON body (each backend words
+    /// its errors its own way), else the status line, `HTTP 404 Not Found`.
+    pub fn message(&self, read: impl FnOnce(&Value) -> Option<String>) -> String {
+        self.json_body().as_ref().and_then(read).unwrap_or_else(|| {
+            format!(
+                "HTTP {} {}",
+                self.status.as_u16(),
+                self.status.canonical_reason().unwrap_or("")
+            )
+            .trim_end()
+            .to_string()
+        })
     }
 }
 

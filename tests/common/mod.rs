@@ -161,6 +161,25 @@ impl Cluster {
         }
     }
 
+    /// Leaves connection `name` as a crash after its create and before the status write would:
+    /// no status, the create-pending mark still on it.
+    pub async fn lose_status(&self, name: &str) {
+        let api = self.connections();
+        api.patch_status(
+            name,
+            &PatchParams::apply(appconn::crd::FIELD_MANAGER).force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "appconn.io/v1alpha1", "kind": "AppConnection", "status": {},
+            })),
+        )
+        .await
+        .unwrap();
+        let conn = api.get(name).await.unwrap();
+        assert!(conn.status.as_ref().and_then(|s| s.id.as_ref()).is_none());
+        let marked = conn.metadata.annotations.as_ref();
+        assert!(marked.is_some_and(|a| a.contains_key(appconn::crd::CREATE_PENDING)));
+    }
+
     /// Polls `get` of the connection until `check` holds, failing after `timeout`.
     pub async fn wait_for(
         &self,

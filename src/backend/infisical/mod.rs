@@ -245,11 +245,7 @@ fn written(reply: &Reply, op: &str) -> Result<Remote, BackendError> {
 
 /// The server's `message` (422 issue arrays joined), else the status line.
 fn message(reply: &Reply) -> String {
-    reply
-        .json_body()
-        .as_ref()
-        .and_then(mapping::error_message)
-        .unwrap_or_else(|| reply.status_line())
+    reply.message(mapping::error_message)
 }
 
 #[async_trait]

@@ -45,11 +45,7 @@ impl TokenSource for ClientCredentials {
         if reply.status.is_success() {
             return Ok(grant(&reply.body)?);
         }
-        let message = reply
-            .json_body()
-            .as_ref()
-            .and_then(mapping::oauth_message)
-            .unwrap_or_else(|| reply.status_line());
+        let message = reply.message(mapping::oauth_message);
         let message = Redactor::none().apply(message, [self.client_secret.expose()]);
         Err(GrantError::from_reply(
             &reply,

@@ -32,9 +32,6 @@ use crate::crd::{MatillionProvider, ProviderType, RateLimit};
 use crate::metrics::Metrics;
 use crate::secret::SecretString;
 
-pub use self::auth::{AUDIENCE, DEFAULT_LIFETIME};
-pub use self::mapping::{AUTH_TYPES, PLATFORM_TYPES};
-
 /// Matillion's token endpoint, used when the backend resource names none.
 pub const DEFAULT_TOKEN_URL: &str = "https://id.core.matillion.com/oauth/dpc/token";
 /// Requests per second when the backend resource sets no `rateLimit`: Matillion's lowest
@@ -167,7 +164,9 @@ impl MatillionBackend {
     /// The failure an answer no operation claimed stands for, its message redacted. A 404 on
     /// the project's routes means the project itself is not there for this client.
     fn error(&self, reply: &Reply, project: &str, redact: &Redactor<'_>) -> BackendError {
-        let message = self.client.redact(redact, message(reply));
+        let message = self
+            .client
+            .redact(redact, reply.message(mapping::problem_message));
         if reply.status == StatusCode::NOT_FOUND {
             return BackendError::Rejected {
                 message: format!(
@@ -248,15 +247,6 @@ fn urls(url: &str, token_url: Option<&str>) -> Result<(Url, Url), BackendError> 
     let base = http::base_url("matillion.url", url)?;
     let token = http::base_url("matillion.tokenUrl", token_url.unwrap_or(DEFAULT_TOKEN_URL))?;
     Ok((base, token))
-}
-
-/// The server's problem as a readable message, else the status line.
-fn message(reply: &Reply) -> String {
-    reply
-        .json_body()
-        .as_ref()
-        .and_then(mapping::problem_message)
-        .unwrap_or_else(|| reply.status_line())
 }
 
 #[async_trait]
