@@ -281,16 +281,28 @@ async fn reads_follow_the_pages_until_the_name_shows_up() {
         );
         assert_eq!(fake.count("GET", CONNECTIONS) - before, pages, "{filter:?}");
     }
+    // A comma would split the name in the filter: such a name is looked for unfiltered.
+    fake.set_name_filter(NameFilter::Exact);
+    let comma = backend.create(&warehouse("wh,eu")).await.unwrap();
+    let found = backend.find(&warehouse("wh,eu").target).await.unwrap();
+    assert_eq!(found.map(|r| r.id), Some(comma.id));
+    let query = fake.requests().last().unwrap().query.clone().unwrap();
+    assert_eq!(
+        query, "page=4&size=100",
+        "the ninth connection, on the fifth page"
+    );
+
     // Not there: every page is read, then none.
+    fake.set_name_filter(NameFilter::Ignored);
     let before = fake.count("GET", CONNECTIONS);
     assert_eq!(backend.find(&warehouse("wh-9").target).await.unwrap(), None);
     assert_eq!(
         fake.count("GET", CONNECTIONS) - before,
-        4,
-        "8 connections, 2 a page"
+        5,
+        "9 connections, 2 a page"
     );
     let last = fake.requests().last().unwrap().query.clone().unwrap();
-    assert_eq!(last, "connectionNames=wh-9&page=3&size=100");
+    assert_eq!(last, "connectionNames=wh-9&page=4&size=100");
 }
 
 #[tokio::test]

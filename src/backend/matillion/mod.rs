@@ -179,7 +179,8 @@ impl MatillionBackend {
 
     /// The connection named `name` in `project`, through the list route: the name filter, then
     /// page after page until the name itself shows up or the pages end, so a server that
-    /// matches names loosely (or not at all) still finds exactly this one.
+    /// matches names loosely (or not at all) still finds exactly this one. A name with a comma
+    /// goes unfiltered: the filter takes a comma-separated list.
     async fn read(
         &self,
         op: &'static str,
@@ -188,14 +189,11 @@ impl MatillionBackend {
     ) -> Result<Option<Value>, BackendError> {
         for index in 0..MAX_PAGES {
             let page = index.to_string();
-            let url = self.connections_url(
-                project,
-                &[
-                    ("connectionNames", name),
-                    ("page", &page),
-                    ("size", PAGE_SIZE),
-                ],
-            );
+            let mut query = vec![("page", page.as_str()), ("size", PAGE_SIZE)];
+            if !name.contains(',') {
+                query.insert(0, ("connectionNames", name));
+            }
+            let url = self.connections_url(project, &query);
             let reply = self.client.call(op, Method::GET, url, None).await?;
             if !reply.status.is_success() {
                 return Err(self.error(&reply, project, &Redactor::none()));
