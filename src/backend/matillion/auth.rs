@@ -17,9 +17,9 @@ use crate::backend::client::{Body, Grant, GrantError, Http, Redactor, TokenSourc
 use crate::secret::SecretString;
 
 /// The audience every token is asked for.
-pub const AUDIENCE: &str = "https://api.matillion.com";
+const AUDIENCE: &str = "https://api.matillion.com";
 /// A token's lifetime when the answer gives none.
-pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(30 * 60);
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// How long before its expiry a token is replaced.
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 

@@ -18,9 +18,9 @@ use serde_json::{Map, Value};
 use crate::backend::{BackendError, Content, Desired, Remote, Target};
 
 /// Matillion's platform connection types; `spec.app` names one by its slug (`dwh`).
-pub const PLATFORM_TYPES: [&str; 3] = ["DWH", "COMPONENT_BASIC", "CLOUD_PLATFORM_CREDENTIALS"];
+const PLATFORM_TYPES: [&str; 3] = ["DWH", "COMPONENT_BASIC", "CLOUD_PLATFORM_CREDENTIALS"];
 /// Matillion's auth types; `spec.method` names one by its slug (`generic-secret`).
-pub const AUTH_TYPES: [&str; 2] = ["GENERIC_SECRET", "CLOUD_PROVIDER_SECRET"];
+const AUTH_TYPES: [&str; 2] = ["GENERIC_SECRET", "CLOUD_PROVIDER_SECRET"];
 /// The settings that have a place in the body; any other would be dropped by Matillion and
 /// then read as drift forever.
 const SETTINGS: [&str; 2] = ["authProvider", "secretsLocation"];
