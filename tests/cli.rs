@@ -943,3 +943,117 @@ mod credible {
         assert_eq!(fake.requests().len(), requests);
     }
 }
+
+mod matillion {
+    //! `appconn apply` against the fake Matillion: `examples/matillion.yaml` as it is, pointed
+    //! at the fake, through the real binary and a real backend client.
+
+    use super::*;
+    use appconn_testkit::fake::matillion::FakeMatillion;
+
+    const PROJECT: &str = "2f6d9a4e-8b1c-4d3e-9f5a-1b2c3d4e5f60";
+    const CONNECTIONS: &str = "/dpc/v1/projects/2f6d9a4e-8b1c-4d3e-9f5a-1b2c3d4e5f60/connections";
+    const CLIENT_SECRET: &str = "example-client-secret-change-me";
+
+    /// The example pointed at the fake, with the warehouse's vault path `path`.
+    fn manifests(fake: &FakeMatillion, path: &str) -> String {
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/matillion.yaml"),
+        )
+        .unwrap();
+        let url = "url: https://eu1.api.matillion.com/dpc";
+        let vault = "snowflake: prod/analytics/snowflake";
+        assert!(
+            example.contains(url) && example.contains(vault),
+            "the example changed"
+        );
+        example
+            .replace(
+                url,
+                &format!(
+                    "url: \"{}\"\n    tokenUrl: \"{}\"",
+                    fake.url(),
+                    fake.token_url()
+                ),
+            )
+            .replace(vault, &format!("snowflake: {path}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_creates_the_example_then_noops_then_puts_the_moved_pointer() {
+        let fake = FakeMatillion::start().await;
+        fake.add_client("example-client-id", CLIENT_SECRET);
+        fake.add_project(PROJECT);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.yaml");
+        std::fs::write(&file, manifests(&fake, "prod/analytics/snowflake")).unwrap();
+
+        let out = run(dir.path(), &["apply", "-f", "m.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for row in &rows {
+            assert_eq!(
+                (&row["action"], &row["ready"]),
+                (&"create".into(), &true.into())
+            );
+            let name = match row["name"].as_str().unwrap() {
+                "warehouse" => "snowflake-prod",
+                other => other,
+            };
+            let stored = fake.stored(PROJECT, name).expect("at Matillion");
+            assert_eq!(row["status"]["id"], stored["id"], "{row}");
+            assert_eq!(row["status"]["backend"]["type"], "matillion");
+        }
+        let warehouse = fake.stored(PROJECT, "snowflake-prod").unwrap();
+        assert_eq!(
+            warehouse["connectionDetails"]["connectionProperties"],
+            serde_json::json!({"secretName": "prod/analytics/snowflake", "secretKey": "password"})
+        );
+        assert_eq!(
+            fake.stored(PROJECT, "sftp-landing").unwrap()["platformConnectionType"],
+            "COMPONENT_BASIC"
+        );
+        assert_eq!(
+            fake.stored(PROJECT, "aws-analytics").unwrap()["authType"],
+            "CLOUD_PROVIDER_SECRET"
+        );
+        assert_eq!(fake.token_requests(), 1, "one token for the backend");
+        assert!(!text(&out).contains(CLIENT_SECRET));
+
+        let requests = fake.requests().len();
+        let again = run(dir.path(), &["apply", "-f", "m.yaml", "-o", "json"]).await;
+        assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&again.stdout).unwrap();
+        assert!(rows.iter().all(|r| r["action"] == "noop"), "{rows:?}");
+        assert_eq!(
+            fake.requests().len(),
+            requests,
+            "an unchanged apply sends nothing, not even a token request"
+        );
+
+        std::fs::write(&file, manifests(&fake, "prod/analytics/snowflake-v2")).unwrap();
+        let moved = run(dir.path(), &["apply", "-f", "m.yaml", "-o", "json"]).await;
+        assert_eq!(moved.status.code(), Some(0), "{}", text(&moved));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&moved.stdout).unwrap();
+        for row in &rows {
+            let want = if row["name"] == "warehouse" {
+                "update"
+            } else {
+                "noop"
+            };
+            assert_eq!(row["action"], want, "{row}");
+        }
+        assert_eq!(fake.count("PUT", CONNECTIONS), 1, "exactly one PUT");
+        assert_eq!(
+            fake.stored(PROJECT, "snowflake-prod").unwrap()["connectionDetails"]["connectionProperties"]
+                ["secretName"],
+            "prod/analytics/snowflake-v2"
+        );
+
+        let out = run(dir.path(), &["delete", "-f", "m.yaml", "-o", "json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(fake.stored_all(PROJECT).is_empty(), "deleted at Matillion");
+        assert_eq!(fake.count("DELETE", CONNECTIONS), 3);
+    }
+}

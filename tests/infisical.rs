@@ -11,7 +11,8 @@ use appconn::backend::{Backend, BackendError, Desired, Remote, RotationSchedule,
 use appconn::crd::RateLimit;
 use appconn::metrics::Metrics;
 use appconn::secret::{Credentials, SecretString};
-use appconn_testkit::fake::infisical::{FakeInfisical, RecordedRequest};
+use appconn_testkit::fake::infisical::FakeInfisical;
+use appconn_testkit::fake::server::{rate_excess, retry_after_violations};
 use appconn_testkit::logs::{self, Capture};
 use serde_json::{Value, json};
 
@@ -598,37 +599,6 @@ async fn refused_logins_back_off_doubling() {
         let floor = Duration::from_millis(200) * 2u32.pow(i as u32);
         assert!(gap >= floor, "gap {i}: {gap:?} < {floor:?}");
     }
-}
-
-/// Whether any request arrived while a `Retry-After` it should have waited for was running.
-/// Requests arriving within `grace` of the 429 were already in flight when it was answered.
-fn retry_after_violations(requests: &[RecordedRequest], grace: Duration) -> Vec<String> {
-    let mut violations = Vec::new();
-    for limited in requests.iter().filter(|r| r.status == 429) {
-        let wait = Duration::from_secs(limited.retry_after.expect("429 carries Retry-After"));
-        for r in requests {
-            if r.at > limited.at + grace && r.at < limited.at + wait {
-                violations.push(format!(
-                    "{} {} at {:?}, 429 at {:?}",
-                    r.method, r.path, r.at, limited.at
-                ));
-            }
-        }
-    }
-    violations
-}
-
-/// The most requests seen in any window beyond what `rps` and `burst` allow.
-fn rate_excess(requests: &[RecordedRequest], rps: f64, burst: f64) -> f64 {
-    let mut worst = f64::MIN;
-    for (i, first) in requests.iter().enumerate() {
-        for (j, last) in requests.iter().enumerate().skip(i) {
-            let count = (j - i + 1) as f64;
-            let allowed = burst + rps * (last.at - first.at).as_secs_f64();
-            worst = worst.max(count - allowed);
-        }
-    }
-    worst
 }
 
 #[tokio::test]

@@ -1,15 +1,18 @@
 //! No secret value in logs, Events, status, metrics or errors: the operator runs against a
 //! Secret holding a distinctive value, through success and every failure that quotes a field,
-//! while every log line at TRACE is captured; and again through Credible, whose reads return
-//! secrets in clear.
+//! while every log line at TRACE is captured; again through Credible, whose reads return
+//! secrets in clear; and against a Matillion whose client secret and tokens hold it.
 
 mod common;
 
 use std::time::Duration;
 
 use appconn_testkit::fake::credible::FakeCredible;
+use appconn_testkit::fake::matillion::FakeMatillion;
 use appconn_testkit::logs::{self, Capture};
-use common::{Cluster, Operator, OperatorSettings, Paths, ready, reason_is};
+use common::{
+    Cluster, Operator, OperatorSettings, Paths, backend_ready, backend_reason, ready, reason_is,
+};
 use kube::Api;
 use serde_json::json;
 
@@ -90,7 +93,8 @@ async fn no_secret_value_anywhere() {
     assert_no_canary(&[("status, Events or metrics", &seen), ("the logs", &logs)]);
 }
 
-/// The statuses of every AppConnection and every Event of the test's namespace, as JSON.
+/// The statuses of every AppConnection and ConnectionBackend and every Event of the test's
+/// namespace, as JSON.
 async fn statuses_and_events(cluster: &Cluster) -> String {
     let mut seen = String::new();
     for conn in cluster
@@ -105,6 +109,9 @@ async fn statuses_and_events(cluster: &Cluster) -> String {
         Api::namespaced(cluster.client.clone(), &cluster.namespace);
     for event in events.list(&Default::default()).await.unwrap() {
         seen.push_str(&serde_json::to_string(&event).unwrap());
+    }
+    for backend in cluster.backends().list(&Default::default()).await.unwrap() {
+        seen.push_str(&serde_json::to_string(&backend.status).unwrap());
     }
     seen
 }
@@ -235,4 +242,85 @@ async fn no_credible_secret_anywhere() {
         ("the logs", &logs),
         ("the store's files", &store),
     ]);
+}
+
+const PROJECT: &str = "2f6d9a4e-8b1c-4d3e-9f5a-1b2c3d4e5f60";
+
+/// A Matillion backend whose API client's secret is in Secret `secret`.
+fn matillion(fake: &FakeMatillion, secret: &str) -> serde_json::Value {
+    json!({"matillion": {
+        "url": fake.url(), "tokenUrl": fake.token_url(), "projectId": PROJECT,
+        "auth": {
+            "clientId": {"secretKeyRef": {"name": secret, "key": "clientId"}},
+            "clientSecret": {"secretKeyRef": {"name": secret, "key": "clientSecret"}},
+        },
+    }})
+}
+
+/// Matillion: the canary is the API client's secret and the start of every token; one backend
+/// is refused with a wrong secret, whose refusal is logged and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_matillion_secret_anywhere() {
+    if !logs::alone("no_matillion_secret_anywhere") {
+        return;
+    }
+    let logs = Capture::start();
+
+    let cluster = Cluster::start().await;
+    let paths = Paths::temporary();
+    let operator = Operator::start(&cluster, &paths, OperatorSettings::default()).await;
+    let fake = FakeMatillion::start().await;
+    fake.add_client("dpc-client", CANARY);
+    fake.add_project(PROJECT);
+    fake.set_token_prefix(CANARY);
+    cluster
+        .put_secret(
+            "matillion-client",
+            &[("clientId", "dpc-client"), ("clientSecret", CANARY)],
+        )
+        .await;
+    cluster
+        .put_secret(
+            "wrong-client",
+            &[
+                ("clientId", "dpc-client"),
+                ("clientSecret", &format!("{CANARY}-x")),
+            ],
+        )
+        .await;
+    cluster
+        .create_backend("matillion", matillion(&fake, "matillion-client"))
+        .await;
+    cluster
+        .create_backend("refused", matillion(&fake, "wrong-client"))
+        .await;
+    cluster
+        .create_connection(
+            "pointer",
+            json!({"backendRef": {"kind": "ConnectionBackend", "name": "matillion"},
+                   "app": "dwh", "method": "generic-secret",
+                   "credentials": {"secretName": {"value": "prod/snowflake"}}}),
+        )
+        .await;
+    cluster
+        .wait_backend("refused", WAIT, "BackendAuthFailed", |s| {
+            backend_reason(s, "BackendAuthFailed")
+        })
+        .await;
+    cluster
+        .wait_backend("matillion", WAIT, "Ready", backend_ready)
+        .await;
+    cluster.wait_for("pointer", WAIT, "Ready", ready).await;
+    assert!(fake.stored(PROJECT, "pointer").is_some());
+
+    let mut seen = statuses_and_events(&cluster).await;
+    seen.push_str(&operator.metrics().await);
+    operator.stop().await;
+    let logs = logs.text();
+    assert!(
+        logs.contains("Matillion token request refused"),
+        "the refused grant was logged"
+    );
+    assert!(seen.contains("Matillion token request refused (HTTP 401)"));
+    assert_no_canary(&[("status, Events or metrics", &seen), ("the logs", &logs)]);
 }

@@ -76,8 +76,9 @@ impl Reply {
         serde_json::from_slice(&self.body).ok()
     }
 
-    /// The server's message, as `read` finds it in a JSON body, else the status line.
-    pub fn message(&self, read: impl Fn(&Value) -> Option<String>) -> String {
+    /// The message of an error reply: what `read` finds in its JSON body (each backend words
+    /// its errors its own way), else the status line, `HTTP 404 Not Found`.
+    pub fn message(&self, read: impl FnOnce(&Value) -> Option<String>) -> String {
         self.json_body().as_ref().and_then(read).unwrap_or_else(|| {
             format!(
                 "HTTP {} {}",
@@ -111,6 +112,23 @@ pub enum GrantError {
     Refused(String),
     /// Transient or unusable answer: the usual retry rules apply.
     Failed(BackendError),
+}
+
+impl GrantError {
+    /// What a grant's unsuccessful `reply` means: 429 and 5xx are transient (with their
+    /// `Retry-After`), any other status refuses the credentials. `grant` names the request
+    /// ("Universal Auth login"); `message` is the server's, already redacted.
+    pub fn from_reply(reply: &Reply, grant: &str, message: &str) -> Self {
+        let status = reply.status.as_u16();
+        if reply.status == StatusCode::TOO_MANY_REQUESTS || reply.status.is_server_error() {
+            GrantError::Failed(BackendError::Unavailable {
+                message: format!("{grant} answered HTTP {status}: {message}"),
+                retry_after: http::retry_after(&reply.headers),
+            })
+        } else {
+            GrantError::Refused(format!("{grant} refused (HTTP {status}): {message}"))
+        }
+    }
 }
 
 impl From<BackendError> for GrantError {

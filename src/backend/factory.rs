@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::credible::{CredibleBackend, CredibleConfig};
 use super::infisical::{InfisicalBackend, InfisicalConfig};
+use super::matillion::{MatillionBackend, MatillionConfig};
 use super::{Backend, BackendLookupError};
 use crate::crd::{BackendProvider, Provider, SecretValueSource};
 use crate::metrics::Metrics;
@@ -104,10 +105,19 @@ impl Factory {
                     CredibleBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
                 Ok(Arc::new(backend))
             }
-            Provider::Matillion(_) => Err(BackendLookupError::NotReady(format!(
-                "provider {:?} is not supported by this version of appconn",
-                typed.type_().as_str()
-            ))),
+            Provider::Matillion(matillion) => {
+                let client_id = read(secrets, &matillion.auth.client_id).await?;
+                let client_secret = read(secrets, &matillion.auth.client_secret).await?;
+                let config = MatillionConfig::from_provider(
+                    matillion,
+                    provider.rate_limit,
+                    client_id,
+                    client_secret,
+                );
+                let backend =
+                    MatillionBackend::new(config, self.metrics.clone()).map_err(spec_error)?;
+                Ok(Arc::new(backend))
+            }
         }
     }
 }
@@ -119,11 +129,14 @@ pub fn check_spec(provider: &BackendProvider) -> Result<(), BackendLookupError> 
         .provider()
         .map_err(|message| BackendLookupError::InvalidSpec(message.into()))?;
     match typed {
-        Provider::Builtin | Provider::Matillion(_) => Ok(()),
+        Provider::Builtin => Ok(()),
         Provider::Infisical(infisical) => {
             InfisicalBackend::check_spec(infisical).map_err(spec_error)
         }
         Provider::Credible(credible) => CredibleBackend::check_spec(credible).map_err(spec_error),
+        Provider::Matillion(matillion) => {
+            MatillionBackend::check_spec(matillion).map_err(spec_error)
+        }
     }
 }
 

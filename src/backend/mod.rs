@@ -9,6 +9,7 @@ pub mod credible;
 mod factory;
 pub mod http;
 pub mod infisical;
+pub mod matillion;
 pub mod ratelimit;
 
 use std::collections::BTreeMap;
@@ -73,8 +74,8 @@ pub struct Remote {
     pub credentials_hash: Option<String>,
     pub rotation: Option<RemoteRotation>,
     /// The object's content as the backend returned it, for [`Backend::content_differs`] where
-    /// the backend keeps no hash (Credible). It may hold secrets: it cannot be printed, and is
-    /// compared, never stored.
+    /// the backend keeps no hash (Credible, Matillion). It may hold secrets: it cannot be
+    /// printed, is wiped when dropped, and is compared, never stored.
     pub content: Option<Credentials>,
 }
 

@@ -406,7 +406,11 @@ impl StatusContext {
                 transient.remove(&uid);
                 // Refused credentials are tried again at the normal pace (the client holds a
                 // refused grant back anyway); a Secret change brings a check with a new client.
-                Verdict::Report(Checked::failed(check_reason(&e), e.to_string(), Next::Periodic))
+                Verdict::Report(Checked::failed(
+                    check_reason(&e),
+                    e.to_string(),
+                    Next::Periodic,
+                ))
             }
             Ok(checked) => {
                 transient.remove(&uid);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
+use tokio::sync::watch;
 
 use crate::backend::{Backend, BackendLookupError, Factory, SecretSource};
 use crate::crd::{AppConnection, ClusterConnectionBackend, ConnectionBackend};
@@ -151,6 +152,9 @@ pub struct Registry {
     pub cluster_backends: Store<ClusterConnectionBackend>,
     pub namespaces: Store<Namespace>,
     pub clients: Arc<Clients>,
+    /// True once the caches above have listed (or a shutdown began). A store's own
+    /// `wait_until_ready` wakes only its last waiter, so lookups wait on this instead.
+    listed: watch::Receiver<bool>,
 }
 
 impl Registry {
@@ -159,20 +163,28 @@ impl Registry {
         backends: Vec<Store<ConnectionBackend>>,
         cluster_backends: Store<ClusterConnectionBackend>,
         namespaces: Store<Namespace>,
+        listed: watch::Receiver<bool>,
     ) -> Self {
         Self {
             backends,
             cluster_backends,
             namespaces,
             clients,
+            listed,
         }
     }
 
-    /// The backend for a connection.
+    /// The backend for a connection. Until the backend caches have listed, a backend that
+    /// exists would look missing (a false `BackendNotFound` and two status writes right after
+    /// a start): a lookup waits for them, which only ever takes time at start-up.
     pub async fn lookup(
         &self,
         conn: &AppConnection,
     ) -> Result<(Arc<dyn Backend>, BackendInfo), BackendLookupError> {
+        if conn.spec.backend_ref.is_some() {
+            // An error means the sender is gone with a shutdown: nothing left to wait for.
+            let _ = self.listed.clone().wait_for(|listed| *listed).await;
+        }
         match resolve_backend(self, conn)? {
             None => Ok((self.clients.factory.builtin(), BackendInfo::builtin())),
             Some(resolved) => Ok((self.clients.get(&resolved).await?, resolved.info)),
@@ -326,6 +338,58 @@ mod tests {
         );
         events.clear();
         assert!(!superseded(&read(Some("41")), &events), "not followed");
+    }
+
+    #[tokio::test]
+    async fn a_lookup_waits_until_the_backend_caches_have_listed() {
+        use kube::runtime::{reflector, watcher};
+        let (backends, mut backend_writer) = reflector::store::<ConnectionBackend>();
+        let (cluster, mut cluster_writer) = reflector::store::<ClusterConnectionBackend>();
+        let (namespaces, mut namespace_writer) = reflector::store::<Namespace>();
+        let (listed, listed_rx) = watch::channel(false);
+        let registry = Registry::new(
+            Arc::new(clients()),
+            vec![backends],
+            cluster,
+            namespaces,
+            listed_rx,
+        );
+        let conn: AppConnection = serde_json::from_value(serde_json::json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "AppConnection",
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {"app": "postgres",
+                     "backendRef": {"kind": "ConnectionBackend", "name": "local"}},
+        }))
+        .unwrap();
+        let backend: ConnectionBackend = serde_json::from_value(serde_json::json!({
+            "apiVersion": "appconn.io/v1alpha1", "kind": "ConnectionBackend",
+            "metadata": {"name": "local", "namespace": "ns", "uid": "u", "generation": 1},
+            "spec": {"builtin": {}},
+            "status": {"observedGeneration": 1, "conditions": [{"type": "Ready",
+                "status": "True", "reason": "Synced", "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+        }))
+        .unwrap();
+
+        backend_writer.apply_watcher_event(&watcher::Event::Init);
+        backend_writer.apply_watcher_event(&watcher::Event::InitApply(backend));
+        backend_writer.apply_watcher_event(&watcher::Event::InitDone);
+        cluster_writer.apply_watcher_event(&watcher::Event::InitDone);
+        namespace_writer.apply_watcher_event(&watcher::Event::InitDone);
+
+        let lookup = registry.lookup(&conn);
+        tokio::pin!(lookup);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), &mut lookup).await;
+        assert!(
+            early.is_err(),
+            "no verdict before the caches are said to have listed"
+        );
+        listed.send(true).unwrap();
+        let (_, info) = lookup.await.expect("found once listed");
+        assert_eq!(
+            (info.kind.as_str(), info.name.as_str()),
+            ("ConnectionBackend", "local")
+        );
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, warn};
 
@@ -103,6 +103,8 @@ pub async fn run_controllers(
     let (namespace_store, task) = cache(Api::<Namespace>::all(client.clone()), None);
     cache_tasks.push(task);
     drop(backend_tx);
+    // Sent once the backend and namespace caches have listed, or a shutdown began.
+    let (listed, listed_rx) = watch::channel(false);
     let factory = Factory::new(config.builtin.clone(), config.metrics.clone());
     let clients = Arc::new(Clients::new(client.clone(), factory));
     // Touched Secrets, from the one Secret watch per scope below, for the backend checks.
@@ -131,6 +133,7 @@ pub async fn run_controllers(
             backend_stores.clone(),
             cluster_store.clone(),
             namespace_store.clone(),
+            listed_rx,
         ),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: config.metrics.clone(),
@@ -212,7 +215,10 @@ pub async fn run_controllers(
     // began; a shutdown that cuts the initial list short would wait for ever. Such a controller
     // has reconciled nothing yet, so it is simply dropped.
     let unsynced = readers.clone();
+    let release = listed.clone();
     let cut_short = shutdown.clone().then(move |()| async move {
+        // Lookups still waiting for the backend caches go on: nothing will list them now.
+        let _ = release.send(true);
         if unsynced
             .iter()
             .all(|store| store.wait_until_ready().now_or_never().is_some())
@@ -224,14 +230,16 @@ pub async fn run_controllers(
 
     let on_ready = config.on_ready.clone();
     let readiness = async move {
-        for store in &readers {
-            let _ = store.wait_until_ready().await;
-        }
         for store in &backend_stores {
             let _ = store.wait_until_ready().await;
         }
         let _ = cluster_store.wait_until_ready().await;
         let _ = namespace_store.wait_until_ready().await;
+        // Backend lookups wait for this: before it, a backend that exists would look missing.
+        let _ = listed.send(true);
+        for store in &readers {
+            let _ = store.wait_until_ready().await;
+        }
         info!("watches synced; ready");
         on_ready(true);
     };

@@ -89,10 +89,17 @@ pub struct BackendProvider {
     /// Credible Data connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credible: Option<CredibleProvider>,
-    /// Matillion Data Productivity Cloud connections.
+    /// Matillion Data Productivity Cloud connections, reached with an API client (OAuth client
+    /// credentials). They hold pointers into your vault, never secret values: an
+    /// AppConnection's `app` is the platform connection type (`dwh`, `component-basic`,
+    /// `cloud-platform-credentials`), `method` the auth type (`generic-secret`,
+    /// `cloud-provider-secret`), `credentials` the connection properties (`secretName`,
+    /// `secretKey`, ...), and `settings` holds `authProvider` (e.g. `SNOWFLAKE`) and
+    /// `secretsLocation` (e.g. `{type: AWS_SECRET_MANAGER, region: eu-west-1}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matillion: Option<MatillionProvider>,
-    /// Client-side request rate limit towards the backend.
+    /// Client-side request rate limit towards the backend. Defaults: Infisical and Credible 10
+    /// requests per second, burst 20; Matillion 1 per second, burst 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
 }
@@ -160,23 +167,27 @@ pub struct CredibleProvider {
     pub token: Option<SecretValueSource>,
 }
 
-/// A Matillion Data Productivity Cloud project.
+/// A Matillion Data Productivity Cloud project, reached with an API client.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MatillionProvider {
-    /// API base, e.g. `https://eu1.api.matillion.com/dpc`.
+    /// API base, e.g. `https://eu1.api.matillion.com/dpc` or `https://us1.api.matillion.com/dpc`.
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,
-    /// OAuth token endpoint; Matillion's own when omitted.
+    /// OAuth token endpoint; `https://id.core.matillion.com/oauth/dpc/token` when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub token_url: Option<String>,
-    /// Project UUID.
-    #[schemars(length(min = 1, max = 64))]
+    /// Project UUID: the project of AppConnections that set no `spec.project`.
+    #[schemars(length(min = 36, max = 36), regex(pattern = UUID_PATTERN))]
     pub project_id: String,
-    /// OAuth client credentials.
+    /// The API client's id and secret.
     pub auth: ClientCredentials,
 }
+
+/// A UUID in its 36-character form.
+const UUID_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
 
 /// A token bucket: `requestsPerSecond` sustained, `burst` at once. When the backend throttles
 /// (429), the rate halves, down to `minRequestsPerSecond`, and climbs back to

@@ -47,13 +47,16 @@ pub struct AppConnectionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_ref: Option<BackendRef>,
 
-    /// The backend's app or type slug, e.g. `mssql` (Infisical), `postgres` (Credible). Immutable.
+    /// The backend's app or type slug, e.g. `mssql` (Infisical), `postgres` (Credible). For
+    /// Matillion, the platform connection type: `dwh`, `component-basic` or
+    /// `cloud-platform-credentials`. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.app is immutable: delete and recreate the AppConnection to change it"))]
     #[schemars(length(min = 1, max = 64))]
     pub app: String,
 
-    /// Authentication method, for backends that have one (Infisical), e.g.
-    /// `username-and-password`. Immutable.
+    /// Authentication method, for backends that have one: Infisical's, e.g.
+    /// `username-and-password`; Matillion's auth type, `generic-secret` or
+    /// `cloud-provider-secret`. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub method: Option<String>,
@@ -63,7 +66,8 @@ pub struct AppConnectionSpec {
     #[schemars(length(min = 1, max = 64))]
     pub connection_name: Option<String>,
 
-    /// Backend project; defaults to the backend resource's project. Immutable.
+    /// Backend project; defaults to the backend resource's project (for Matillion, a project
+    /// UUID). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub project: Option<String>,
@@ -74,7 +78,8 @@ pub struct AppConnectionSpec {
     pub description: Option<String>,
 
     /// Credential fields, each from exactly one source: an inline `value` (which keeps its JSON
-    /// type) or a `secretKeyRef` in this namespace.
+    /// type) or a `secretKeyRef` in this namespace. For Matillion, the connection properties:
+    /// pointers into your vault such as `secretName` and `secretKey`, never secret values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     pub credentials: BTreeMap<String, CredentialSource>,
@@ -84,7 +89,8 @@ pub struct AppConnectionSpec {
     #[schemars(length(max = 16))]
     pub credentials_from: Vec<CredentialsFromSource>,
 
-    /// Non-secret backend fields passed through as they are (e.g. `gatewayId`).
+    /// Non-secret backend fields passed through as they are (e.g. Infisical's `gatewayId`;
+    /// Matillion's `authProvider` and `secretsLocation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
     pub settings: Option<BTreeMap<String, Value>>,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::message;
 use crate::backend::BackendError;
-use crate::backend::client::{Body, Grant, GrantError, Http, Reply, TokenSource};
+use crate::backend::client::{Body, Grant, GrantError, Http, Redactor, Reply, TokenSource};
 use crate::secret::SecretString;
 
 pub(super) struct UniversalAuth {
@@ -36,21 +36,13 @@ impl TokenSource for UniversalAuth {
         if reply.status.is_success() {
             return Ok(grant(&reply.body)?);
         }
-        let text = redact(message(&reply), self.client_secret.expose());
-        if reply.status == StatusCode::TOO_MANY_REQUESTS || reply.status.is_server_error() {
-            return Err(GrantError::Failed(BackendError::Unavailable {
-                message: format!(
-                    "Infisical's login answered HTTP {}: {text}",
-                    reply.status.as_u16()
-                ),
-                retry_after: crate::backend::http::retry_after(&reply.headers),
-            }));
-        }
-        // Refused: the credentials, the identity or the URL is wrong.
-        Err(GrantError::Refused(format!(
-            "Universal Auth login refused (HTTP {}): {text}",
-            reply.status.as_u16()
-        )))
+        let text = Redactor::none().apply(message(&reply), [self.client_secret.expose()]);
+        // Refused unless transient: the credentials, the identity or the URL is wrong.
+        Err(GrantError::from_reply(
+            &reply,
+            "Universal Auth login",
+            &text,
+        ))
     }
 
     /// `POST /api/v1/auth/token/renew`.
@@ -92,14 +84,6 @@ impl TokenSource for UniversalAuth {
 
     fn secrets(&self) -> Vec<&str> {
         vec![self.client_secret.expose()]
-    }
-}
-
-fn redact(message: String, secret: &str) -> String {
-    if !secret.is_empty() && message.contains(secret) {
-        message.replace(secret, "[REDACTED]")
-    } else {
-        message
     }
 }
 

@@ -380,6 +380,8 @@ impl Reconciler {
         }
     }
 
+    /// The recorded object is gone: created again, through `create`, so a name someone else
+    /// took meanwhile is refused (or adopted with `adoptExisting`) as on a first create.
     async fn recreate(
         &self,
         env: &dyn Environment,
@@ -387,17 +389,18 @@ impl Reconciler {
         backend: &dyn Backend,
         desired: &Desired,
     ) -> Result<Applied, Stop> {
-        env.mark(conn, true).await?;
-        let remote = backend.create(desired).await?;
+        let applied = self.create(env, conn, backend, desired, false).await?;
+        if applied.action != Verb::Create {
+            return Ok(applied);
+        }
         let note = format!(
             "{:?} was gone from the backend; created it again",
             desired.target.connection_name
         );
         Ok(Applied {
             action: Verb::Recreate,
-            remote,
-            written: true,
             event: Some(("Recreated", note)),
+            ..applied
         })
     }
 }

@@ -391,6 +391,46 @@ async fn drift_checks_recreate_correct_or_record() {
 }
 
 #[tokio::test]
+async fn a_gone_object_whose_name_a_stranger_took_is_refused_then_adopted_on_request() {
+    let (core, env) = (core(), env(spec()));
+    run(&core, &env, false).await.unwrap();
+    let theirs = "id-9".to_string();
+    *env.backend.objects.lock().unwrap() =
+        [(theirs.clone(), ("c".to_string(), "b-id-9".to_string()))].into();
+    writes(&env);
+
+    let refused = run(&core, &env, true).await.unwrap();
+    assert_eq!(refused.reason, Reason::AlreadyExists);
+    assert!(
+        refused.message.contains("adoptExisting"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(refused.requeue, Requeue::WaitForChange);
+    assert_eq!(
+        writes(&env),
+        ["mark pending=true", "clear-pending", "status"]
+    );
+    // Its own status write brings the next reconcile: a read, no create.
+    let again = run(&core, &env, true).await.unwrap();
+    assert_eq!(again.reason, Reason::AlreadyExists);
+    assert!(writes(&env).is_empty());
+    assert_eq!(
+        env.backend.calls(),
+        ["create", "get", "create", "get", "find"]
+    );
+
+    let mut adopting = env.conn.lock().unwrap().clone();
+    adopting.spec.adopt_existing = Some(true);
+    adopting.metadata.generation = Some(2);
+    *env.conn.lock().unwrap() = adopting;
+    let adopted = run(&core, &env, true).await.unwrap();
+    assert_eq!(adopted.action, Verb::Adopt);
+    let status = env.conn.lock().unwrap().status.clone().unwrap();
+    assert_eq!(status.id, Some(theirs));
+}
+
+#[tokio::test]
 async fn deletion_removes_the_object_then_the_finalizer_or_orphans_it() {
     for (policy, calls, action) in [
         ("Delete", vec!["create", "delete"], Verb::Delete),

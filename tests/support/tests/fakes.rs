@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use appconn_testkit::fake::credible::{ErrorShape, FakeCredible};
 use appconn_testkit::fake::infisical::FakeInfisical;
-use appconn_testkit::fake::matillion::{AUDIENCE, FakeMatillion};
+use appconn_testkit::fake::matillion::{AUDIENCE, FakeMatillion, NameFilter};
 use appconn_testkit::fake::server::{RateLimit, Spread};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder};
@@ -1239,6 +1239,38 @@ async fn matillion_lists_filter_and_page() {
         let answer = mt(&fake, &token, "GET", &format!("{CONNECTIONS}{bad}"), None).await;
         problem(&answer, 400);
     }
+}
+
+#[tokio::test]
+async fn matillion_name_filters_can_be_loose() {
+    let (fake, token) = matillion().await;
+    for name in ["wh", "wh-1", "wh-10", "lake"] {
+        mt(&fake, &token, "POST", CONNECTIONS, Some(dwh(name))).await;
+    }
+    let path = format!("{CONNECTIONS}?connectionNames=wh-1&size=10");
+    let list = || mt(&fake, &token, "GET", &path, None);
+    assert_eq!(names(&list().await.json()), ["wh-1"]);
+    fake.set_name_filter(NameFilter::Contains);
+    assert_eq!(names(&list().await.json()), ["wh-1", "wh-10"]);
+    fake.set_name_filter(NameFilter::Ignored);
+    let all = list().await.json();
+    assert_eq!(
+        (names(&all), &all["total"]),
+        (vec!["wh", "wh-1", "wh-10", "lake"], &json!(4))
+    );
+}
+
+#[tokio::test]
+async fn matillion_tokens_take_the_prefix_asked_for() {
+    let (fake, first) = matillion().await;
+    assert!(first.starts_with("fake-dpc."), "{first}");
+    fake.set_token_prefix("zebra-canary-7781");
+    let token = access_token(&fake).await;
+    assert!(token.starts_with("zebra-canary-7781."), "{token}");
+    assert_eq!(
+        mt(&fake, &token, "GET", CONNECTIONS, None).await.status,
+        200
+    );
 }
 
 #[tokio::test]

@@ -11,10 +11,11 @@
 //! UUID project; a taken name answered 409 (or 400 naming it, by a knob); errors in RFC 7807
 //! form `{type,title,status,detail,instance,violations}`.
 //!
-//! Design choices where the contract is silent: DELETE answers 204; the server keeps only the
-//! fields of the contract's body (others are dropped, as a Jackson DTO would) and leaves absent
-//! ones out of its answers; a PUT may rename through its body's `name`; a `size` above the page
-//! size is cut to it; unknown routes answer 404 and other methods on the collection 405.
+//! Design choices where the contract is silent: DELETE answers 204; `connectionNames` matches
+//! names exactly unless a knob makes it loose; the server keeps only the fields of the
+//! contract's body (others are dropped, as a Jackson DTO would) and leaves absent ones out of
+//! its answers; a PUT may rename through its body's `name`; a `size` above the page size is cut
+//! to it; unknown routes answer 404 and other methods on the collection 405.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -42,10 +43,23 @@ const FIELDS: &[&str] = &[
 /// Fields the server sets and a PUT does not replace.
 const SERVER_FIELDS: &[&str] = &["id", "createdBy", "createdDate", "projectId"];
 
+/// How the list route applies `connectionNames`: the public material does not say whether it
+/// matches names exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameFilter {
+    /// Only connections with one of the names (the default).
+    Exact,
+    /// Every connection whose name contains one of them, as a search box would.
+    Contains,
+    /// Not applied at all: every connection.
+    Ignored,
+}
+
 /// The fake Matillion's state, reached through [`FakeMatillion`]'s methods.
 pub struct State {
     clients: BTreeMap<String, String>,
     tokens: Tokens,
+    token_prefix: String,
     token_lifetime: Duration,
     send_expires_in: bool,
     /// Each project's connections, in creation order.
@@ -53,6 +67,7 @@ pub struct State {
     create_status: u16,
     duplicate_status: u16,
     page_size: usize,
+    name_filter: NameFilter,
 }
 
 /// A running fake Matillion DPC on `127.0.0.1`. Stops when dropped. The shared knobs and the
@@ -66,12 +81,14 @@ impl FakeMatillion {
         Self::serve(State {
             clients: BTreeMap::new(),
             tokens: Tokens::default(),
+            token_prefix: "fake-dpc".into(),
             token_lifetime: Duration::from_secs(1800),
             send_expires_in: true,
             projects: BTreeMap::new(),
             create_status: 201,
             duplicate_status: 409,
             page_size: 5,
+            name_filter: NameFilter::Exact,
         })
         .await
     }
@@ -106,6 +123,12 @@ impl FakeMatillion {
         self.state().token_lifetime = lifetime;
     }
 
+    /// Tokens issued from now on begin with `prefix` (`fake-dpc` by default), e.g. to find a
+    /// token where it must not be.
+    pub fn set_token_prefix(&self, prefix: &str) {
+        self.state().token_prefix = prefix.to_owned();
+    }
+
     /// Token answers leave out `expires_in` (the tokens still expire).
     pub fn omit_expires_in(&self, omit: bool) {
         self.state().send_expires_in = !omit;
@@ -135,6 +158,11 @@ impl FakeMatillion {
     /// The page size when the request gives none, and the largest one honoured.
     pub fn set_page_size(&self, size: usize) {
         self.state().page_size = size;
+    }
+
+    /// How the list route applies `connectionNames` from now on.
+    pub fn set_name_filter(&self, filter: NameFilter) {
+        self.state().name_filter = filter;
     }
 
     /// The stored connection, as the server returns it.
@@ -377,9 +405,12 @@ impl State {
             Some(_) => {}
         }
         let subject = format!("{}@clients", client.unwrap_or_default());
-        let token = self
-            .tokens
-            .issue("fake-dpc", &subject, Some(self.token_lifetime), None);
+        let token = self.tokens.issue(
+            &self.token_prefix,
+            &subject,
+            Some(self.token_lifetime),
+            None,
+        );
         let mut body = json!({"access_token": token, "token_type": "Bearer"});
         if self.send_expires_in {
             body["expires_in"] = self.token_lifetime.as_secs().into();
@@ -459,7 +490,12 @@ impl State {
             .iter()
             .filter(|c| {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-                (names.is_empty() || names.iter().any(|n| n == name))
+                let named = match self.name_filter {
+                    NameFilter::Exact => names.iter().any(|n| n == name),
+                    NameFilter::Contains => names.iter().any(|n| name.contains(n.as_str())),
+                    NameFilter::Ignored => true,
+                };
+                (names.is_empty() || named)
                     && filters.iter().all(|(field, wanted)| {
                         wanted.is_none()
                             || c.get(*field).and_then(Value::as_str) == wanted.as_deref()

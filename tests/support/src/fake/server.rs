@@ -294,7 +294,9 @@ impl Knobs {
             if *left == 0 {
                 self.fail_next = None;
             }
-            return Some((status, Injected::Failure, None));
+            // A server that throttles says when to come back.
+            let retry_after = (status == 429).then_some(1);
+            return Some((status, Injected::Failure, retry_after));
         }
         if let Some(rate) = self.error_rate.as_mut() {
             let hit = match rate.spread {
@@ -416,7 +418,8 @@ impl Server {
         lock(&self.inner.knobs).latency = latency;
     }
 
-    /// The next `n` requests, whatever their route, fail with `status` (500, 503, ...).
+    /// The next `n` requests, whatever their route, fail with `status` (500, 503, ...); a 429
+    /// carries `Retry-After: 1`.
     pub fn fail_next(&self, n: usize, status: u16) {
         lock(&self.inner.knobs).fail_next = (n > 0).then_some((n, status));
     }
@@ -514,6 +517,38 @@ async fn handle(
         retry_after: reply.retry_after,
     });
     reply.into_response()
+}
+
+/// The requests that arrived while a `Retry-After` they should have waited for was running, as
+/// lines to show. Requests arriving within `grace` of the 429 were already in flight when it
+/// was answered.
+pub fn retry_after_violations(requests: &[RecordedRequest], grace: Duration) -> Vec<String> {
+    let mut violations = Vec::new();
+    for limited in requests.iter().filter(|r| r.status == 429) {
+        let wait = Duration::from_secs(limited.retry_after.expect("429 carries Retry-After"));
+        for r in requests {
+            if r.at > limited.at + grace && r.at < limited.at + wait {
+                violations.push(format!(
+                    "{} {} at {:?}, 429 at {:?}",
+                    r.method, r.path, r.at, limited.at
+                ));
+            }
+        }
+    }
+    violations
+}
+
+/// The most requests seen in any window beyond what `rps` and `burst` allow.
+pub fn rate_excess(requests: &[RecordedRequest], rps: f64, burst: f64) -> f64 {
+    let mut worst = f64::MIN;
+    for (i, first) in requests.iter().enumerate() {
+        for (j, last) in requests.iter().enumerate().skip(i) {
+            let count = (j - i + 1) as f64;
+            let allowed = burst + rps * (last.at - first.at).as_secs_f64();
+            worst = worst.max(count - allowed);
+        }
+    }
+    worst
 }
 
 /// Decodes `%XX` escapes and `+` (a space in a query).
