@@ -36,13 +36,8 @@ pub struct Target {
     pub project: Option<String>,
 }
 
-/// Rotation schedule as the spec asks for it (only present when rotation is enabled).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RotationSchedule {
-    pub interval_days: u16,
-    pub hours: u8,
-    pub minutes: u8,
-}
+/// Lives with the store, the lowest layer that keeps it.
+pub use crate::store::RotationSchedule;
 
 /// Everything the operator sends for one connection.
 #[derive(Clone, Debug)]

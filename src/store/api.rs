@@ -33,8 +33,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{RecordSummary, RotationState, StoreEngine, StoreError};
-use crate::backend::RotationSchedule;
+use super::{RecordSummary, RotationSchedule, RotationState, StoreEngine, StoreError};
 use crate::crd::GROUP;
 use crate::secret::SecretString;
 
