@@ -41,7 +41,7 @@ impl Process {
             .arg("--store")
             .arg(dir.path().join("appconn.db"))
             .args(["--admin-addr", "127.0.0.1:0"])
-            .args(["--store-api-addr", "127.0.0.1:0"])
+            .args(["--store-api-addr", "127.0.0.1:0", "--store-api-plain-http"])
             .args(extra)
             .env_remove("POD_NAMESPACE")
             .env(

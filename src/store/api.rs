@@ -88,6 +88,16 @@ pub async fn serve(
         .await
 }
 
+/// [`serve`] over HTTPS, with the certificate `certs` serves (see [`super::tls`]).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: StoreApiState,
+    certs: Arc<super::tls::CertReloader>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    super::tls::serve(listener, router(state), certs, shutdown).await
+}
+
 struct Shared {
     store: Arc<dyn StoreEngine>,
     reviewer: Reviewer,

@@ -3,3 +3,4 @@ pub mod crds;
 pub mod fake;
 pub mod logs;
 pub mod postgres;
+pub mod tls;
