@@ -86,7 +86,8 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
         "appconnections/credentials",
         Some(&cluster.namespace),
     );
-    let url = postgres.database();
+    let database = postgres.database();
+    let url = database.url.clone();
     let ca = TestCa::new("replicas CA");
     let tls = tempfile::tempdir().unwrap();
     ca.server_cert().write_to(tls.path());
@@ -259,7 +260,7 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
     }
     let rows = postgres
         .psql(
-            url.rsplit('/').next().unwrap().split('?').next().unwrap(),
+            &database.name,
             "SELECT COUNT(*), COUNT(DISTINCT connection_name) FROM connections",
         )
         .unwrap();

@@ -68,7 +68,7 @@ impl Fixture {
     fn postgres(test: &str) -> Option<Self> {
         let server = pg::or_skip(test)?;
         Some(Self {
-            location: StoreLocation::parse(&server.database()).unwrap(),
+            location: StoreLocation::parse(&server.database().url).unwrap(),
             _dir: None,
         })
     }

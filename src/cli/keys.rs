@@ -39,28 +39,19 @@ pub struct KeysOptions {
 /// Installation keys as read, and how to write them back.
 struct Loaded {
     keys: InstallationKeys,
+    /// `key file PATH` or `Secret NAMESPACE/NAME`.
+    what: String,
     /// The Secret as read, for an update that fails if it changed meanwhile.
     secret: Option<(Api<Secret>, Secret)>,
 }
 
 impl KeyTarget {
-    fn describe(&self) -> String {
-        match self {
-            KeyTarget::File(path) => format!("key file {}", path.display()),
-            KeyTarget::Secret {
-                namespace, name, ..
-            } => match namespace {
-                Some(ns) => format!("Secret {ns}/{name}"),
-                None => format!("Secret {name}"),
-            },
-        }
-    }
-
     async fn load(&self) -> Result<Loaded, CliError> {
         match self {
             KeyTarget::File(path) => Ok(Loaded {
                 keys: InstallationKeys::read_file(path)
                     .map_err(|e| CliError::Keys(e.to_string()))?,
+                what: format!("key file {}", path.display()),
                 secret: None,
             }),
             KeyTarget::Secret {
@@ -90,6 +81,7 @@ impl KeyTarget {
                     .map_err(|e| CliError::Keys(format!("{what}: {e}")))?;
                 Ok(Loaded {
                     keys,
+                    what,
                     secret: Some((api, secret)),
                 })
             }
@@ -152,6 +144,7 @@ pub async fn rotate(opts: &KeysOptions, batch: usize) -> Result<Rotated, CliErro
     let mut loaded = opts.keys.load().await?;
     let previous = loaded.keys.store_keys.active_id().to_string();
     let new_key = loaded.keys.add_store_key().to_string();
+    let target = loaded.what.clone();
     let keys = loaded.save(&opts.keys).await?;
     let reencrypted = match &opts.store {
         None => None,
@@ -175,7 +168,7 @@ pub async fn rotate(opts: &KeysOptions, batch: usize) -> Result<Rotated, CliErro
     Ok(Rotated {
         new_key,
         previous,
-        target: opts.keys.describe(),
+        target,
         reencrypted,
     })
 }
@@ -239,7 +232,7 @@ pub async fn remove(opts: &KeysOptions, id: &str) -> Result<(), CliError> {
     if !loaded.keys.store_keys.contains(id) {
         return Err(CliError::Keys(format!(
             "{} holds no key {id:?}",
-            opts.keys.describe()
+            loaded.what
         )));
     }
     let store = open(location, &loaded.keys).await?;

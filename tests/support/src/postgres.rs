@@ -17,6 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The superuser the harness creates, and its password (host connections need it).
 pub const USER: &str = "postgres";
 
+/// A database of the test server.
+pub struct Database {
+    pub name: String,
+    /// With the password, on the loopback port.
+    pub url: String,
+}
+
 pub struct Postgres {
     bin: PathBuf,
     dir: PathBuf,
@@ -132,8 +139,8 @@ impl Postgres {
         &self.password
     }
 
-    /// A new, empty database; returns its URL (with the password) on the loopback port.
-    pub fn database(&self) -> String {
+    /// A new, empty database.
+    pub fn database(&self) -> Database {
         let name = format!(
             "appconn_{}_{}",
             std::process::id(),
@@ -141,7 +148,58 @@ impl Postgres {
         );
         self.psql("postgres", &format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
-        self.url(&name)
+        Database {
+            url: self.url(&name),
+            name,
+        }
+    }
+
+    /// A backup and restore as the README describes them: `pg_dump` of `from`, replayed by
+    /// `psql` into a new database.
+    pub fn dump_and_restore(&self, from: &Database) -> Database {
+        let dump = self.dump(from);
+        let to = self.database();
+        let mut psql = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", USER, "-d", &to.name])
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql runs");
+        std::io::Write::write_all(&mut psql.stdin.take().unwrap(), &dump).expect("feeding psql");
+        let restored = psql.wait_with_output().expect("psql ends");
+        assert!(
+            restored.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        to
+    }
+
+    /// `pg_dump`'s plain SQL output of a database: everything a backup would hold.
+    pub fn dump(&self, database: &Database) -> Vec<u8> {
+        let dump = Command::new(self.bin.join("pg_dump"))
+            .arg("-h")
+            .arg(&self.dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                USER,
+                "-d",
+                &database.name,
+            ])
+            .output()
+            .expect("pg_dump runs");
+        assert!(
+            dump.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        dump.stdout
     }
 
     /// The URL of `database` as the superuser, with the password.
