@@ -1114,3 +1114,101 @@ async fn ten_thousand_records(f: Fixture) {
         N.div_ceil(7),
     );
 }
+
+/// Failures to reach a PostgreSQL store are one line naming the store, never the password.
+#[tokio::test]
+async fn postgres_connection_failures_give_one_clear_line() {
+    let Some(server) = pg::or_skip("postgres_connection_failures_give_one_clear_line") else {
+        return;
+    };
+    let database = server.database();
+    let keys = &StoreKeys::generate();
+    let port = server.port();
+    let open = |url: String| async move {
+        let location = StoreLocation::parse(&url).unwrap();
+        let shown = location.describe();
+        let err = SqlStore::open_location(&location, keys)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("cannot open store {shown}: ")),
+            "{message}"
+        );
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(!message.contains(server.password()), "{message}");
+        assert!(!message.contains("zebra"), "{message}");
+        message
+    };
+    let wrong = open(format!(
+        "postgres://postgres:zebra-canary-7781@127.0.0.1:{port}/{}",
+        database.name
+    ))
+    .await;
+    assert!(
+        wrong.ends_with("password authentication failed for user \"postgres\""),
+        "{wrong}"
+    );
+    let missing = open(format!(
+        "postgres://postgres:{}@127.0.0.1:{port}/nope",
+        server.password()
+    ))
+    .await;
+    assert!(
+        missing.ends_with("database \"nope\" does not exist"),
+        "{missing}"
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = free.local_addr().unwrap().port();
+    drop(free);
+    let refused = open(format!("postgres://postgres@127.0.0.1:{closed}/x")).await;
+    assert!(refused.ends_with("connection refused"), "{refused}");
+    // sslmode is honoured: this server has no TLS, and `require` will not do without.
+    let tls = open(format!(
+        "postgres://postgres:{}@127.0.0.1:{port}/{}?sslmode=require",
+        server.password(),
+        database.name
+    ))
+    .await;
+    assert!(tls.contains("TLS"), "{tls}");
+}
+
+#[tokio::test]
+async fn the_postgres_password_can_come_from_a_file() {
+    let Some(server) = pg::or_skip("the_postgres_password_can_come_from_a_file") else {
+        return;
+    };
+    let database = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{}\n", server.password())).unwrap();
+    let location = StoreLocation::parse(&format!(
+        "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
+        server.port(),
+        database.name
+    ))
+    .unwrap()
+    .with_password_file(&file)
+    .unwrap();
+    let store = SqlStore::open_location(&location, &StoreKeys::generate())
+        .await
+        .unwrap();
+    assert!(store.is_postgres());
+    assert!(
+        !store
+            .path()
+            .display()
+            .to_string()
+            .contains(server.password())
+    );
+    store
+        .insert(new_record("ns", "db", CANARY), Timestamp::now())
+        .await
+        .unwrap();
+    // What a backup of the database holds: ciphertext only.
+    let dump = server.dump(&database);
+    assert!(!dump.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()));
+    assert!(dump.windows(19).any(|w| w == b"Analytics warehouse"));
+}

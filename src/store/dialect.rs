@@ -217,6 +217,18 @@ pub(crate) async fn connect_postgres(url: &Url, shown: &Path) -> Result<AnyPool,
     let options =
         AnyConnectOptions::from_url(url).map_err(|e| Dialect::Postgres.open_error(shown, e))?;
     sqlx::any::install_default_drivers();
+    // One connection first: a pool retries a refused connection until it times out, and would
+    // report the timeout instead of the cause.
+    tokio::time::timeout(
+        POSTGRES_CONNECT_TIMEOUT,
+        sqlx::AnyConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| Dialect::Postgres.open_error(shown, sqlx::Error::PoolTimedOut))?
+    .map_err(|e| Dialect::Postgres.open_error(shown, e))?
+    .close()
+    .await
+    .map_err(|e| Dialect::Postgres.open_error(shown, e))?;
     AnyPoolOptions::new()
         .max_connections(POSTGRES_MAX_CONNECTIONS)
         .acquire_timeout(POSTGRES_CONNECT_TIMEOUT)
