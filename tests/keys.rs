@@ -145,31 +145,7 @@ fn assert_one_line_error(out: &Output, expected: &str) {
     assert!(!stderr.contains(CANARY), "{stderr}");
 }
 
-/// Runs each named test once per engine: `sqlite::NAME` and `postgres::NAME`.
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Fixture::sqlite()).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    if let Some(fixture) = super::Fixture::postgres(stringify!($name)) {
-                        super::$name(fixture).await
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_engines!(
+appconn_testkit::on_both_engines!(
     rotate_status_and_remove,
     a_crash_in_the_middle_of_reencryption_loses_nothing,
 );

@@ -122,31 +122,7 @@ impl Fixture {
     }
 }
 
-/// Runs each named test once per engine: `sqlite::NAME` and `postgres::NAME`.
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Fixture::sqlite()).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    if let Some(fixture) = super::Fixture::postgres(stringify!($name)) {
-                        super::$name(fixture).await
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_engines!(
+appconn_testkit::on_both_engines!(
     round_trip_by_id_and_by_name_and_after_reopening,
     version_moves_only_on_change_and_nothing_is_written_otherwise,
     concurrent_updates_all_land_in_order_of_versions,

@@ -14,6 +14,33 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Runs each named test once per engine, as `sqlite::NAME` and `postgres::NAME`: each NAME is an
+/// `async fn NAME(f: Fixture)` of the calling file, whose `Fixture` has `sqlite()` and
+/// `postgres(test_name) -> Option<Fixture>` (`None` when the test is skipped).
+#[macro_export]
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Fixture::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(fixture) = super::Fixture::postgres(stringify!($name)) {
+                        super::$name(fixture).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// The superuser the harness creates, and its password (host connections need it).
 pub const USER: &str = "postgres";
 
