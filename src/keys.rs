@@ -188,6 +188,15 @@ impl StoreKeys {
                 .all(|k| other.key(&k.id) == Some(k.key.expose()))
     }
 
+    /// The same keys with `id` active, if it is one of them.
+    pub fn with_active(&self, id: &str) -> Option<StoreKeys> {
+        let active = self.keys.iter().position(|k| k.id == id)?;
+        Some(StoreKeys {
+            keys: self.keys.clone(),
+            active,
+        })
+    }
+
     /// Drops the key `id`; refused for the active key. Returns whether it was there.
     pub fn remove_key(&mut self, id: &str) -> Result<bool, KeyError> {
         if self.active_id() == id {
@@ -498,6 +507,10 @@ mod tests {
         let before = keys.clone();
         keys.add_key();
         assert!(!keys.same_as(&before));
+        let staged = keys.with_active("k1").unwrap();
+        assert_eq!(staged.active_id(), "k1");
+        assert_eq!(staged.ids().collect::<Vec<_>>(), ["k1", "k2"]);
+        assert!(keys.with_active("k9").is_none());
         assert!(keys.remove_key("k2").is_err(), "the active key stays");
         assert!(keys.remove_key("k1").unwrap());
         assert!(!keys.remove_key("k1").unwrap());

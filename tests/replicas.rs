@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use appconn::cli::keys::{KeyTarget, KeysOptions};
+use appconn::controller::operator::Maintenance;
 use appconn::store::tls::TlsFiles;
-use appconn_testkit::apiserver::UserInfo;
+use appconn_testkit::apiserver::{TestApiServer, UserInfo};
 use appconn_testkit::postgres as pg;
 use appconn_testkit::tls::TestCa;
 use common::{Cluster, Operator, OperatorSettings, Paths, ready};
@@ -43,6 +45,33 @@ async fn leader(cluster: &Cluster) -> Option<String> {
         .and_then(|l| l.spec?.holder_identity)
 }
 
+/// [`TOKEN`] authenticates as [`USER`], who may list connections and read their credentials.
+fn grant_reader(server: &TestApiServer, namespace: &str) {
+    server.set_token(
+        TOKEN,
+        UserInfo {
+            username: Some(USER.into()),
+            uid: None,
+            groups: None,
+            extra: None,
+        },
+    );
+    server.allow(
+        USER,
+        "list",
+        "appconn.io",
+        "appconnections",
+        Some(namespace),
+    );
+    server.allow(
+        USER,
+        "get",
+        "appconn.io",
+        "appconnections/credentials",
+        Some(namespace),
+    );
+}
+
 fn https_client(ca: &TestCa) -> reqwest::Client {
     reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap()])
@@ -63,29 +92,7 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
         // Its reader authenticates with a token only the test server knows.
         return;
     };
-    server.set_token(
-        TOKEN,
-        UserInfo {
-            username: Some(USER.into()),
-            uid: None,
-            groups: None,
-            extra: None,
-        },
-    );
-    server.allow(
-        USER,
-        "list",
-        "appconn.io",
-        "appconnections",
-        Some(&cluster.namespace),
-    );
-    server.allow(
-        USER,
-        "get",
-        "appconn.io",
-        "appconnections/credentials",
-        Some(&cluster.namespace),
-    );
+    grant_reader(server, &cluster.namespace);
     let database = postgres.database();
     let url = database.url.clone();
     let ca = TestCa::new("replicas CA");
@@ -265,5 +272,111 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
         )
         .unwrap();
     assert_eq!(rows, format!("{N}|{N}"));
+    two.stop().await;
+}
+
+/// A key rotation with two replicas: the standby reads every record, old key or new, at every
+/// moment, because a new key becomes current only after every replica has read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_key_rotation_every_replica_reads_every_record() {
+    const CONNECTIONS: usize = 20;
+    let Some(postgres) = pg::or_skip("during_a_key_rotation_every_replica_reads_every_record")
+    else {
+        return;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = Cluster::start().await;
+    let Some(server) = cluster.server.as_ref() else {
+        return;
+    };
+    grant_reader(server, &cluster.namespace);
+    let url = postgres.database().url;
+    let ca = TestCa::new("rotation CA");
+    let tls = tempfile::tempdir().unwrap();
+    ca.server_cert().write_to(tls.path());
+    let settings = |identity: &str| OperatorSettings {
+        leader_elect: Some(identity.into()),
+        keys_in_secret: true,
+        postgres: Some(url.clone()),
+        store_api_tls: Some(TlsFiles::in_dir(tls.path())),
+        maintenance: Maintenance {
+            reload_every: Duration::from_millis(400),
+            reencrypt_batch: 2,
+            reencrypt_pause: Duration::from_millis(5),
+        },
+        ..Default::default()
+    };
+    let one = Operator::start(&cluster, &Paths::temporary(), settings("one")).await;
+    common::eventually(WAIT, "a leader", || async {
+        leader(&cluster).await.as_deref() == Some("one")
+    })
+    .await;
+    let two = Operator::start(&cluster, &Paths::temporary(), settings("two")).await;
+    for i in 0..CONNECTIONS {
+        cluster
+            .put_secret(&format!("s{i}"), &[("password", &format!("first-{i}"))])
+            .await;
+        cluster.create_connection(&format!("c{i}"), spec(i)).await;
+    }
+    for i in 0..CONNECTIONS {
+        cluster
+            .wait_for(&format!("c{i}"), WAIT, "Ready", ready)
+            .await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let options = KeysOptions {
+        keys: KeyTarget::Secret {
+            kubeconfig: Some(server.write_kubeconfig(dir.path(), &cluster.namespace)),
+            namespace: None,
+            name: "appconn-store-key".into(),
+        },
+        store: Some(appconn::store::StoreLocation::parse(&url).unwrap()),
+    };
+    let rotated = appconn::cli::keys::rotate(
+        &KeysOptions {
+            store: None,
+            ..options.clone()
+        },
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(rotated.new_key, "k2");
+
+    // Read every record from the standby until the leader has moved them all to k2.
+    let client = https_client(&ca);
+    let mut reads = 0;
+    loop {
+        for i in 0..CONNECTIONS {
+            let response = client
+                .get(format!(
+                    "{}/v1/namespaces/{}/connections/c{i}",
+                    two.store_api, cluster.namespace
+                ))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                response.status().is_success(),
+                "the standby could not read c{i} during the rotation: {}",
+                response.status()
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["credentials"]["password"], json!(format!("first-{i}")));
+            reads += 1;
+        }
+        let status = appconn::cli::keys::status(&options).await.unwrap();
+        if status.iter().any(|k| k.id == "k1" && k.records == Some(0)) {
+            break;
+        }
+        assert!(reads < 20_000, "re-encryption did not finish: {status:?}");
+    }
+    assert!(
+        reads > CONNECTIONS,
+        "the standby was read during the rotation"
+    );
+    drop(one);
     two.stop().await;
 }

@@ -280,6 +280,8 @@ impl KeySource {
 /// Reads the installation keys every `every` and hands a changed set of store keys (after
 /// `appconn keys rotate` or `remove`) to the store, then wakes the re-encryption. A set the
 /// store refuses (a key it still needs is gone) is logged and the old one kept.
+///
+/// Runs on every replica, so that a standby can read what the leader writes.
 async fn reload_keys(
     source: KeySource,
     store: Arc<SqlStore>,
@@ -308,6 +310,23 @@ async fn reload_keys(
         last_error = None;
         if read.same_as(&current) {
             continue;
+        }
+        // A new current key is first only readable for one interval, while writes keep the key
+        // in use: by then every replica has read the new set, so none meets a record sealed
+        // with a key it does not know yet.
+        if let Some(staged) = read
+            .with_active(current.active_id())
+            .filter(|_| read.active_id() != current.active_id())
+        {
+            if let Err(e) = store.use_keys(&staged).await {
+                tracing::warn!(error = %e, "the changed installation keys do not fit the store; keeping the ones in use");
+                continue;
+            }
+            info!(next_key = %read.active_id(), "store keys changed: the new key becomes current after one reload interval");
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
         match store.use_keys(&read).await {
             Ok(()) => {
