@@ -1,5 +1,6 @@
-//! The store's read API for consumers (HTTP, JSON), so that access to a connection's secrets is
-//! plain Kubernetes RBAC on a ServiceAccount:
+//! The store's read API for consumers (HTTPS through [`serve_tls`], or plain HTTP through
+//! [`serve`]; JSON), so that access to a connection's secrets is plain Kubernetes RBAC on a
+//! ServiceAccount:
 //!
 //! - `GET /v1/connections`, `GET /v1/namespaces/{namespace}/connections`: records without their
 //!   credentials, for callers allowed to `list` `appconnections` (cluster-wide or in the

@@ -97,14 +97,6 @@ impl fmt::Display for StoreLocation {
     }
 }
 
-impl std::str::FromStr for StoreLocation {
-    type Err = LocationError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-    }
-}
-
 /// The URL without its password, nor a `password` query parameter.
 fn redacted(url: &Url) -> String {
     let mut shown = url.clone();

@@ -89,10 +89,6 @@ impl CertReloader {
         })
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-
     /// Whether a certificate is being served.
     pub fn has_certificate(&self) -> bool {
         self.current
