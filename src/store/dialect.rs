@@ -79,12 +79,6 @@ impl Dialect {
         }
     }
 
-    /// Whether this process should queue its writers: SQLite has one writer at a time anyway,
-    /// PostgreSQL takes concurrent writers.
-    pub(crate) fn serializes_writes(self) -> bool {
-        self == Dialect::Sqlite
-    }
-
     /// Classifies an error while running. Messages come from the database or sqlx and hold no
     /// bound values.
     pub(crate) fn classify(self, path: &Path, e: sqlx::Error) -> StoreError {

@@ -553,6 +553,34 @@ impl SqlStore {
             .bind(vault.seal(&plaintext, &record_context(r.id)))
     }
 
+    /// Writes `next` over the record if it is still at `version`; `false` when it was not.
+    async fn write_update<'c, E>(
+        &self,
+        executor: E,
+        next: &Record,
+        version: i64,
+    ) -> Result<bool, StoreError>
+    where
+        E: sqlx::Executor<'c, Database = Any>,
+    {
+        let query = sqlx::query(self.sql(
+            "UPDATE connections SET namespace = ?, name = ?, connection_name = ?, app = ?, \
+             method = ?, project = ?, description = ?, settings = ?, credentials_hash = ?, \
+             version = ?, rotation_interval_days = ?, rotation_hours = ?, \
+             rotation_minutes = ?, last_rotation_time = ?, next_rotation_at = ?, \
+             hash_at_last_rotation = ?, created_at = ?, updated_at = ?, key_id = ?, \
+             credentials = ? WHERE id = ? AND version = ?",
+        ));
+        let done = self
+            .bind_content(query, next)
+            .bind(next.id.to_string())
+            .bind(version)
+            .execute(executor)
+            .await
+            .map_err(|e| self.write_error(e, next))?;
+        Ok(done.rows_affected() > 0)
+    }
+
     fn write_error(&self, e: sqlx::Error, r: &Record) -> StoreError {
         match &e {
             sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
@@ -617,34 +645,39 @@ impl StoreEngine for SqlStore {
         if current.same_content(&new) {
             return Ok(current);
         }
-        // Queueing this process's writers where the engine takes one at a time anyway spares
-        // them retrying against each other. The version check guards against other processes.
-        let _writing = match self.dialect.serializes_writes() {
-            true => Some(self.write_lock.lock().await),
-            false => None,
-        };
+        if self.dialect == Dialect::Postgres {
+            // The row stays locked from the read to the write: no writer of any replica slips
+            // in between, so there is nothing to retry.
+            let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+            let row = sqlx::query(self.sql(select_records!("WHERE id = ? FOR UPDATE")))
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
+            let current = row
+                .map(|row| self.record_from_row(&row))
+                .transpose()?
+                .ok_or(StoreError::NotFound)?;
+            let Some(next) = current.updated(new, now) else {
+                return Ok(current);
+            };
+            self.write_update(&mut *tx, &next, current.version).await?;
+            tx.commit().await.map_err(|e| self.error(e))?;
+            self.count_write();
+            return Ok(next);
+        }
+        // SQLite takes one writer at a time: queueing this process's writers spares them
+        // retrying against each other, and the version check guards against other processes.
+        let _writing = self.write_lock.lock().await;
         for _ in 0..UPDATE_ATTEMPTS {
             let current = self.get(id).await?.ok_or(StoreError::NotFound)?;
             let Some(next) = current.updated(new.clone(), now) else {
                 return Ok(current);
             };
-            // Optimistic: only applies if nobody wrote the record since it was read.
-            let query = sqlx::query(self.sql(
-                "UPDATE connections SET namespace = ?, name = ?, connection_name = ?, app = ?, \
-                 method = ?, project = ?, description = ?, settings = ?, credentials_hash = ?, \
-                 version = ?, rotation_interval_days = ?, rotation_hours = ?, \
-                 rotation_minutes = ?, last_rotation_time = ?, next_rotation_at = ?, \
-                 hash_at_last_rotation = ?, created_at = ?, updated_at = ?, key_id = ?, \
-                 credentials = ? WHERE id = ? AND version = ?",
-            ));
-            let done = self
-                .bind_content(query, &next)
-                .bind(id.to_string())
-                .bind(current.version)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| self.write_error(e, &next))?;
-            if done.rows_affected() > 0 {
+            if self
+                .write_update(&self.pool, &next, current.version)
+                .await?
+            {
                 self.count_write();
                 return Ok(next);
             }
