@@ -9,6 +9,7 @@
 //! Without the binaries the tests that need them are skipped, each saying why; with
 //! `APPCONN_TEST_REQUIRE_POSTGRES=1` (CI) a missing server fails them instead.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -78,7 +79,9 @@ pub fn or_skip(test: &str) -> Option<&'static Postgres> {
     match server() {
         Ok(server) => Some(server),
         Err(reason) => {
-            eprintln!("SKIPPED {test} on PostgreSQL: {reason}");
+            // Straight to the process's stderr: the test harness hides what a passing test
+            // prints with eprintln!, and a skip must be seen.
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test} on PostgreSQL: {reason}");
             None
         }
     }
