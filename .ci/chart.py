@@ -43,7 +43,20 @@ CASES: dict[str, dict[str, Any]] = {
     "watch-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
     "persistence-off": {"persistence": {"enabled": False}},
     "existing-claim": {"persistence": {"existingClaim": "appconn-store-restored"}},
-    "replicas-2": {"replicaCount": 2},
+    "replicas-2": {
+        "replicaCount": 2,
+        "store": {
+            "postgres": {
+                "enabled": True,
+                "urlSecret": {"name": "appconn-postgres"},
+                "passwordSecret": {"name": "appconn-postgres-password"},
+            }
+        },
+    },
+    "store-api-cert-manager": {
+        "storeApi": {"tls": {"certManager": {"enabled": True, "issuerRef": {"kind": "ClusterIssuer", "name": "internal-ca"}}}}
+    },
+    "store-api-plain-http": {"storeApi": {"tls": {"enabled": False}}},
     "service-monitor": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}, "scrapeTimeout": "10s"}
     },
@@ -69,6 +82,17 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
 # Values the schema cannot judge alone, refused by the templates themselves.
 BAD_COMBINATIONS: list[tuple[str, dict[str, Any], str]] = [
     ("admin and store API on one port", {"ports": {"admin": 9000, "storeApi": 9000}}, "must differ"),
+    ("two replicas on SQLite", {"replicaCount": 2}, "replicaCount > 1 needs store.postgres.enabled=true"),
+    (
+        "PostgreSQL without its URL Secret",
+        {"store": {"postgres": {"enabled": True}}},
+        "needs store.postgres.urlSecret.name",
+    ),
+    (
+        "cert-manager without an issuer",
+        {"storeApi": {"tls": {"certManager": {"enabled": True}}}},
+        "needs storeApi.tls.certManager.issuerRef.name",
+    ),
     (
         "no ServiceAccount created and none named",
         {"serviceAccount": {"create": False}},

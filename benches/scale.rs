@@ -698,13 +698,15 @@ async fn options(dir: &Path, refresh: Duration) -> (OperatorOptions, String) {
         namespaces: vec![NAMESPACE.into()],
         operator_namespace: NAMESPACE.into(),
         concurrency: 16,
-        store: bench_store_path(dir),
+        store: appconn::store::StoreLocation::Sqlite(bench_store_path(dir)),
         key_secret: "appconn-store-key".into(),
         key_file: Some(dir.join("appconn.key")),
         admin,
         store_api: tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("store API port"),
+        store_api_tls: None,
+        maintenance: Default::default(),
         leader_elect: false,
         lease: LeaseConfig::new(NAMESPACE, "appconn-leader", "bench"),
         default_refresh: refresh,
@@ -805,7 +807,7 @@ struct Operator {
 impl Operator {
     async fn start(bench: &Bench, dir: &Path, refresh: Duration) -> Operator {
         let (opts, admin_url) = options(dir, refresh).await;
-        let store = opts.store.clone();
+        let store = bench_store_path(dir);
         let key_file = dir.join("appconn.key");
         let (tx, rx) = oneshot::channel::<()>();
         let client = bench.client.clone();

@@ -178,6 +178,45 @@ impl StoreKeys {
         self.active_id()
     }
 
+    /// Whether `other` holds the same keys, with the same material, and the same active one.
+    pub fn same_as(&self, other: &StoreKeys) -> bool {
+        self.active_id() == other.active_id()
+            && self.keys.len() == other.keys.len()
+            && self
+                .keys
+                .iter()
+                .all(|k| other.key(&k.id) == Some(k.key.expose()))
+    }
+
+    /// The same keys with `id` active, if it is one of them.
+    pub fn with_active(&self, id: &str) -> Option<StoreKeys> {
+        let active = self.keys.iter().position(|k| k.id == id)?;
+        Some(StoreKeys {
+            keys: self.keys.clone(),
+            active,
+        })
+    }
+
+    /// Drops the key `id`; refused for the active key. Returns whether it was there.
+    pub fn remove_key(&mut self, id: &str) -> Result<bool, KeyError> {
+        if self.active_id() == id {
+            return Err(KeyError::Invalid(format!(
+                "key {id} is the current key: rotate to a new key first"
+            )));
+        }
+        let Some(i) = self.keys.iter().position(|k| k.id == id) else {
+            return Ok(false);
+        };
+        let active = self.active_id().to_string();
+        self.keys.remove(i);
+        self.active = self
+            .keys
+            .iter()
+            .position(|k| k.id == active)
+            .expect("the active key was not removed");
+        Ok(true)
+    }
+
     /// The key material of `id`, for the store's cipher only.
     pub(crate) fn key(&self, id: &str) -> Option<&[u8; KEY_LEN]> {
         self.keys
@@ -455,6 +494,28 @@ mod tests {
             assert_eq!(back.store_keys.key(id), keys.store_keys.key(id));
         }
         assert_ne!(keys.store_keys.key("k1"), keys.store_keys.key("k2"));
+    }
+
+    #[test]
+    fn keys_compare_by_material_and_the_active_key_stays() {
+        let mut keys = StoreKeys::generate();
+        assert!(keys.same_as(&keys.clone()));
+        assert!(
+            !keys.same_as(&StoreKeys::generate()),
+            "same ids, other material"
+        );
+        let before = keys.clone();
+        keys.add_key();
+        assert!(!keys.same_as(&before));
+        let staged = keys.with_active("k1").unwrap();
+        assert_eq!(staged.active_id(), "k1");
+        assert_eq!(staged.ids().collect::<Vec<_>>(), ["k1", "k2"]);
+        assert!(keys.with_active("k9").is_none());
+        assert!(keys.remove_key("k2").is_err(), "the active key stays");
+        assert!(keys.remove_key("k1").unwrap());
+        assert!(!keys.remove_key("k1").unwrap());
+        assert_eq!(keys.ids().collect::<Vec<_>>(), ["k2"]);
+        assert_eq!(keys.active_id(), "k2");
     }
 
     #[test]

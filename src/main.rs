@@ -3,10 +3,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use appconn::cli::keys::{KeyTarget, KeysOptions};
 use appconn::cli::{self, Format, StoreOptions, output};
 use appconn::controller::leader::LeaseConfig;
-use appconn::controller::operator::{self, OperatorOptions};
+use appconn::controller::operator::{self, Maintenance, OperatorOptions};
 use appconn::controller::parse_duration;
+use appconn::store::StoreLocation;
+use appconn::store::tls::TlsFiles;
 use appconn::telemetry::{self, LogFormat};
 use clap::{Parser, Subcommand};
 use futures::FutureExt;
@@ -71,13 +74,18 @@ struct RunArgs {
     /// Connections reconciled at once.
     #[arg(long, env = "APPCONN_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
-    /// SQLite file of the built-in store.
+    /// The built-in store: a SQLite file, or a PostgreSQL URL
+    /// (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=verify-full&...]).
     #[arg(
         long,
         env = "APPCONN_STORE",
-        default_value = "/var/lib/appconn/appconn.db"
+        default_value = "/var/lib/appconn/appconn.db",
+        hide_env_values = true
     )]
-    store: PathBuf,
+    store: String,
+    /// A file whose first line is the PostgreSQL password (a mounted Secret key).
+    #[arg(long, env = "APPCONN_STORE_PASSWORD_FILE")]
+    store_password_file: Option<PathBuf>,
     /// Secret holding the installation keys, created on first start.
     #[arg(long, env = "APPCONN_KEY_SECRET", default_value = "appconn-store-key")]
     key_secret: String,
@@ -90,6 +98,27 @@ struct RunArgs {
     /// Address of the store read API for consumers.
     #[arg(long, env = "APPCONN_STORE_API_ADDR", default_value = "0.0.0.0:8081")]
     store_api_addr: SocketAddr,
+    /// Serve the store read API over HTTPS with `tls.crt` and `tls.key` from this directory
+    /// (a mounted kubernetes.io/tls Secret, as cert-manager writes it), read again when they
+    /// change.
+    #[arg(
+        long,
+        env = "APPCONN_STORE_API_TLS_DIR",
+        conflicts_with = "store_api_plain_http"
+    )]
+    store_api_tls_dir: Option<PathBuf>,
+    /// Serve the store read API over plain HTTP: credentials cross the network in clear.
+    #[arg(long, env = "APPCONN_STORE_API_PLAIN_HTTP")]
+    store_api_plain_http: bool,
+    /// How often the installation keys and the read API's certificate are read again.
+    #[arg(long, env = "APPCONN_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
+    reload_interval: std::time::Duration,
+    /// Records moved to the current key per batch after a key rotation.
+    #[arg(long, env = "APPCONN_REENCRYPT_BATCH", default_value_t = 100)]
+    reencrypt_batch: usize,
+    /// Pause between two re-encryption batches.
+    #[arg(long, env = "APPCONN_REENCRYPT_PAUSE", default_value = "100ms", value_parser = duration)]
+    reencrypt_pause: std::time::Duration,
     /// Only one replica reconciles, holding a Lease.
     #[arg(long, env = "APPCONN_LEADER_ELECT")]
     leader_elect: bool,
@@ -136,12 +165,123 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Rotate, list and remove the store's encryption keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+    /// Copy the built-in store.
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
     /// Print the CustomResourceDefinitions, or write one file per CRD into a directory.
     Crds {
         /// Write `<name>.yaml` files here instead of printing (how `crds/` is made).
         #[arg(long)]
         output_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a new encryption key and make it current. With --store the records are re-encrypted
+    /// here and now; otherwise the running operator re-encrypts them once it reads the keys.
+    Rotate {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Records re-encrypted per batch (with --store).
+        #[arg(long, default_value_t = cli::keys::DEFAULT_BATCH)]
+        batch_size: usize,
+    },
+    /// List the keys, which one is current, and (with --store) how many records each encrypts.
+    Status {
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    /// Remove an old key once no record of the store (--store) uses it.
+    Remove {
+        /// The key id, as `keys status` lists it (k1, k2, ...).
+        id: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Write a consistent copy of a SQLite store to FILE while the operator keeps running.
+    /// (A PostgreSQL store is copied with pg_dump.)
+    Backup {
+        /// The copy to create; it must not exist.
+        file: PathBuf,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+}
+
+/// The keys (a key file, or the operator's key Secret) and, where needed, the store.
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// The store: a SQLite file, or a PostgreSQL URL.
+    #[arg(long, env = "APPCONN_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// A file whose first line is the PostgreSQL password.
+    #[arg(long, env = "APPCONN_STORE_PASSWORD_FILE")]
+    store_password_file: Option<PathBuf>,
+    /// The key file; default: the SQLite store's path with the extension `.key`.
+    #[arg(long, conflicts_with = "key_secret")]
+    key_file: Option<PathBuf>,
+    /// The operator's key Secret instead of a key file (read and updated through the
+    /// Kubernetes API).
+    #[arg(long)]
+    key_secret: Option<String>,
+    /// Namespace of the key Secret; default: the kubeconfig context's.
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Kubeconfig for the key Secret.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    fn options(&self) -> Result<KeysOptions, String> {
+        let store = self
+            .store
+            .as_deref()
+            .map(|s| store_location(s, self.store_password_file.as_deref()))
+            .transpose()?;
+        let keys = match (&self.key_secret, &self.key_file, &store) {
+            (Some(name), _, _) => KeyTarget::Secret {
+                kubeconfig: self.kubeconfig.clone(),
+                namespace: self.namespace.clone(),
+                name: name.clone(),
+            },
+            (None, Some(path), _) => KeyTarget::File(path.clone()),
+            (None, None, Some(StoreLocation::Sqlite(path))) => {
+                KeyTarget::File(path.with_extension("key"))
+            }
+            (None, None, _) => {
+                return Err(
+                    "name the keys: --key-file PATH, or --key-secret NAME for the operator's Secret"
+                        .into(),
+                );
+            }
+        };
+        Ok(KeysOptions { keys, store })
+    }
+}
+
+/// `--store` as a location; errors never repeat a password.
+fn store_location(
+    text: &str,
+    password_file: Option<&std::path::Path>,
+) -> Result<StoreLocation, String> {
+    let location = StoreLocation::parse(text).map_err(|e| e.to_string())?;
+    match password_file {
+        Some(file) => location.with_password_file(file).map_err(|e| e.to_string()),
+        None => Ok(location),
+    }
 }
 
 fn main() -> ExitCode {
@@ -201,6 +341,17 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             print!("{}", output::render(&rows, output));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys { action } => keys_command(action).await,
+        Command::Store {
+            action: StoreCommand::Backup { file, keys },
+        } => {
+            let opts = keys.options()?;
+            cli::keys::backup(&opts, &file)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("wrote {}", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crds { output_dir } => {
             for (file, yaml) in appconn::crd::crds_yaml() {
                 match &output_dir {
@@ -209,6 +360,50 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     None => print!("---\n{yaml}"),
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn keys_command(action: KeysCommand) -> Result<ExitCode, String> {
+    match action {
+        KeysCommand::Rotate { keys, batch_size } => {
+            let opts = keys.options()?;
+            let done = cli::keys::rotate(&opts, batch_size)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{}: {} is now the current key ({} is kept for reading)",
+                done.target, done.new_key, done.previous
+            );
+            match done.reencrypted {
+                Some(n) => println!(
+                    "re-encrypted {n} record(s) with {}; remove old keys with `appconn keys remove ID`",
+                    done.new_key
+                ),
+                None => println!(
+                    "the running operator re-encrypts the records in the background; follow it with `appconn keys status --store ...`"
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Status { keys } => {
+            let rows = cli::keys::status(&keys.options()?)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{:<12} {:<10} RECORDS", "KEY", "STATE");
+            for row in rows {
+                let records = row.records.map_or("-".to_string(), |n| n.to_string());
+                println!("{:<12} {:<10} {records}", row.id, row.state);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Remove { id, keys } => {
+            let opts = keys.options()?;
+            cli::keys::remove(&opts, &id)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("removed key {id}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -243,25 +438,27 @@ async fn start_operator(
     args: RunArgs,
     shutdown: Shared<BoxFuture<'static, ()>>,
 ) -> Result<ExitCode, String> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .map_err(|e| format!("invalid kubeconfig {}: {e}", path.display()))?
+    let store = store_location(&args.store, args.store_password_file.as_deref())?;
+    let store_api_tls = match (&args.store_api_tls_dir, args.store_api_plain_http) {
+        (Some(dir), _) => Some(TlsFiles::in_dir(dir)),
+        (None, true) => None,
+        (None, false) => {
+            return Err(
+                "the store read API serves HTTPS: give --store-api-tls-dir DIR (tls.crt and \
+                 tls.key, e.g. a mounted cert-manager Secret), or --store-api-plain-http to serve \
+                 plain HTTP"
+                    .into(),
+            );
         }
-        None => kube::Config::infer().await.map_err(|e| {
-            format!("no Kubernetes configuration: set --kubeconfig or KUBECONFIG, or run in a cluster ({e})")
-        })?,
     };
+    let (client, context_namespace) = cli::keys::kube_client(args.kubeconfig.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
     let operator_namespace = args
         .operator_namespace
         .clone()
         .filter(|ns| !ns.is_empty())
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let client =
-        kube::Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))?;
+        .unwrap_or(context_namespace);
     let version = client.apiserver_version().await.map_err(|e| {
         format!(
             "cannot reach the Kubernetes API server: {}",
@@ -287,11 +484,17 @@ async fn start_operator(
         lease: LeaseConfig::new(&operator_namespace, &args.lease_name, identity),
         operator_namespace,
         concurrency: args.concurrency.max(1),
-        store: args.store,
+        store,
         key_secret: args.key_secret,
         key_file: args.key_file,
         admin,
         store_api,
+        store_api_tls,
+        maintenance: Maintenance {
+            reload_every: args.reload_interval,
+            reencrypt_batch: args.reencrypt_batch,
+            reencrypt_pause: args.reencrypt_pause,
+        },
         leader_elect: args.leader_elect,
         default_refresh: args.refresh_interval,
     };

@@ -3,7 +3,7 @@
 //! needs a server without CRDs or an API that it controls).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ impl Process {
     /// `appconn run` against `server`, whose kubeconfig context names `context_namespace`.
     fn start(server: &TestApiServer, context_namespace: &str, extra: &[&str]) -> Process {
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = write_kubeconfig(dir.path(), &server.url(), context_namespace);
+        let kubeconfig = server.write_kubeconfig(dir.path(), context_namespace);
         let mut command = Command::new(env!("CARGO_BIN_EXE_appconn"));
         command
             .arg("run")
@@ -41,7 +41,7 @@ impl Process {
             .arg("--store")
             .arg(dir.path().join("appconn.db"))
             .args(["--admin-addr", "127.0.0.1:0"])
-            .args(["--store-api-addr", "127.0.0.1:0"])
+            .args(["--store-api-addr", "127.0.0.1:0", "--store-api-plain-http"])
             .args(extra)
             .env_remove("POD_NAMESPACE")
             .env(
@@ -140,19 +140,6 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn write_kubeconfig(dir: &Path, server: &str, namespace: &str) -> PathBuf {
-    let path = dir.join("kubeconfig");
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {"server": server}}],
-        "users": [{"name": "test", "user": {}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}],
-        "current-context": "test",
-    });
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-    path
 }
 
 async fn create_namespace(client: &Client, name: &str) {

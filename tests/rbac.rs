@@ -56,6 +56,7 @@ async fn rbac_grants_exactly_the_calls_the_operator_makes() {
         leader_elect: Some("solo".into()),
         keys_in_secret: true,
         refresh: Duration::from_millis(300),
+        ..Default::default()
     };
     let operator = Operator::start(&cluster, &paths, settings).await;
 

@@ -1,17 +1,24 @@
-//! The built-in store's SQLite engine on real files.
+//! The built-in store on both engines: every test of the shared contract runs on a real SQLite
+//! file and on a real PostgreSQL server (started by the test harness; skipped, saying why, where
+//! none is installed). Tests of what only one engine has come after them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use appconn::backend::RotationSchedule;
+use appconn::crd::RotationSchedule;
 use appconn::keys::{InstallationKeys, StoreKeys};
 use appconn::secret::Credentials;
-use appconn::store::{NewRecord, SqliteStore, StoreEngine, StoreError};
+use appconn::store::migrations::{self, Migration};
+use appconn::store::{
+    KeyUsage, NewRecord, SqlStore, SqliteStore, StoreEngine, StoreError, StoreLocation,
+};
+use appconn_testkit::postgres as pg;
 use jiff::Timestamp;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
+use sqlx::AnyPool;
 use uuid::Uuid;
 
 const CANARY: &str = "zebra-canary-7781";
@@ -41,6 +48,102 @@ fn new_record(namespace: &str, connection_name: &str, password: &str) -> NewReco
     }
 }
 
+/// A store location on one engine: a SQLite file in a temporary directory, or a fresh database
+/// on the test process's PostgreSQL server.
+struct Fixture {
+    location: StoreLocation,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            location: StoreLocation::Sqlite(dir.path().join("appconn.db")),
+            _dir: Some(dir),
+        }
+    }
+
+    /// `None` (the test says it is skipped, and why) without a PostgreSQL server.
+    fn postgres(test: &str) -> Option<Self> {
+        let server = pg::or_skip(test)?;
+        Some(Self {
+            location: StoreLocation::parse(&server.database().url).unwrap(),
+            _dir: None,
+        })
+    }
+
+    async fn open(&self, keys: &StoreKeys) -> Result<SqlStore, StoreError> {
+        SqlStore::open_location(&self.location, keys).await
+    }
+
+    fn engine(&self) -> &'static str {
+        match self.location {
+            StoreLocation::Sqlite(_) => "SQLite",
+            StoreLocation::Postgres(_) => "PostgreSQL",
+        }
+    }
+
+    /// What errors call the store: its path, or its URL without the password.
+    fn shown(&self) -> String {
+        self.location.describe()
+    }
+
+    /// A plain connection to the same database, for what the store's API cannot do.
+    async fn raw(&self) -> AnyPool {
+        sqlx::any::install_default_drivers();
+        let url = match &self.location {
+            StoreLocation::Sqlite(path) => format!("sqlite://{}?mode=rwc", path.display()),
+            StoreLocation::Postgres(url) => url.to_string(),
+        };
+        AnyPool::connect(&url).await.unwrap()
+    }
+
+    async fn exec(&self, sql: &'static str) {
+        let pool = self.raw().await;
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+
+    /// `key_id` column of a record, read with plain SQL.
+    async fn key_id_of(&self, id: Uuid) -> String {
+        let pool = self.raw().await;
+        let sql = match self.location {
+            StoreLocation::Sqlite(_) => "SELECT key_id FROM connections WHERE id = ?",
+            StoreLocation::Postgres(_) => "SELECT key_id FROM connections WHERE id = $1",
+        };
+        let key: String = sqlx::query_scalar(sql)
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        key
+    }
+}
+
+appconn_testkit::on_both_engines!(
+    round_trip_by_id_and_by_name_and_after_reopening,
+    version_moves_only_on_change_and_nothing_is_written_otherwise,
+    concurrent_updates_all_land_in_order_of_versions,
+    connection_names_are_unique_per_namespace,
+    delete_removes_once_and_frees_the_name,
+    list_is_ordered_filtered_and_has_no_credentials,
+    state_documents_are_written_only_when_they_change,
+    wrong_key_fails_at_open_and_the_right_key_still_reads,
+    missing_key_is_named_at_open,
+    key_rotation_writes_with_the_new_key_and_reads_the_old,
+    reencryption_runs_in_bounded_batches_and_keys_go_only_when_unused,
+    newer_schema_is_refused,
+    migrations_upgrade_an_older_store_and_the_older_binary_refuses_it,
+    tables_of_something_else_are_refused,
+    swapped_ciphertexts_do_not_decrypt,
+    errors_never_show_credentials,
+    rotation_state_is_kept_by_the_engine,
+    ten_thousand_records,
+);
+
+/// A SQLite file in a temporary directory, for what only a file can show.
 struct Dir {
     dir: tempfile::TempDir,
 }
@@ -73,33 +176,9 @@ fn keys_with(ids: &[&str], active: &str) -> StoreKeys {
         .store_keys
 }
 
-/// `key_id` column of a record, read with plain SQL.
-async fn key_id_of(path: &Path, id: Uuid) -> String {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    let key: String = sqlx::query_scalar("SELECT key_id FROM connections WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    key
-}
-
-async fn raw_sql(path: &Path, sql: &'static str) {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-    pool.close().await;
-}
-
-#[tokio::test]
-async fn round_trip_by_id_and_by_name_and_after_reopening() {
-    let dir = Dir::new();
+async fn round_trip_by_id_and_by_name_and_after_reopening(f: Fixture) {
     let keys = StoreKeys::generate();
-    let store = SqliteStore::open(dir.db(), &keys).await.unwrap();
+    let store = f.open(&keys).await.unwrap();
     assert_eq!(store.write_count(), 0);
     let now = ts("2026-11-26T10:00:00.123456789Z");
     let inserted = store
@@ -143,18 +222,14 @@ async fn round_trip_by_id_and_by_name_and_after_reopening() {
     );
     store.close().await;
 
-    let store = SqliteStore::open(dir.db(), &keys).await.unwrap();
+    let store = f.open(&keys).await.unwrap();
     let reopened = store.get(inserted.id).await.unwrap().unwrap();
     assert_eq!(reopened.summary(), inserted.summary());
     assert_eq!(reopened.credentials.expose(), inserted.credentials.expose());
 }
 
-#[tokio::test]
-async fn version_moves_only_on_change_and_nothing_is_written_otherwise() {
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+async fn version_moves_only_on_change_and_nothing_is_written_otherwise(f: Fixture) {
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = ts("2026-01-02T00:00:00Z");
     let r = store
@@ -208,12 +283,10 @@ async fn version_moves_only_on_change_and_nothing_is_written_otherwise() {
 
 /// Two stores on one file stand for two processes: each queues its own writers, and the
 /// version check makes the two take turns.
-#[tokio::test]
-async fn concurrent_updates_all_land_in_order_of_versions() {
-    let dir = Dir::new();
+async fn concurrent_updates_all_land_in_order_of_versions(f: Fixture) {
     let keys = StoreKeys::generate();
-    let first = Arc::new(SqliteStore::open(dir.db(), &keys).await.unwrap());
-    let second = Arc::new(SqliteStore::open(dir.db(), &keys).await.unwrap());
+    let first = Arc::new(f.open(&keys).await.unwrap());
+    let second = Arc::new(f.open(&keys).await.unwrap());
     let now = ts("2026-01-01T00:00:00Z");
     let r = first
         .insert(new_record("ns", "db", "p0"), now)
@@ -243,12 +316,8 @@ async fn concurrent_updates_all_land_in_order_of_versions() {
     assert_eq!(first.write_count() + second.write_count(), 17);
 }
 
-#[tokio::test]
-async fn connection_names_are_unique_per_namespace() {
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+async fn connection_names_are_unique_per_namespace(f: Fixture) {
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     let now = ts("2026-01-01T00:00:00Z");
     store
         .insert(new_record("a", "db", CANARY), now)
@@ -298,12 +367,8 @@ async fn connection_names_are_unique_per_namespace() {
     );
 }
 
-#[tokio::test]
-async fn delete_removes_once_and_frees_the_name() {
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+async fn delete_removes_once_and_frees_the_name(f: Fixture) {
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     let now = ts("2026-01-01T00:00:00Z");
     let r = store
         .insert(new_record("ns", "db", CANARY), now)
@@ -332,12 +397,8 @@ async fn delete_removes_once_and_frees_the_name() {
     assert_eq!(again.version, 1);
 }
 
-#[tokio::test]
-async fn list_is_ordered_filtered_and_has_no_credentials() {
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+async fn list_is_ordered_filtered_and_has_no_credentials(f: Fixture) {
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     let now = ts("2026-01-01T00:00:00Z");
     for (ns, name) in [("b", "z"), ("a", "y"), ("b", "a"), ("a", "x")] {
         store
@@ -364,12 +425,8 @@ async fn list_is_ordered_filtered_and_has_no_credentials() {
     assert!(!shown.contains(CANARY), "{shown}");
 }
 
-#[tokio::test]
-async fn state_documents_are_written_only_when_they_change() {
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+async fn state_documents_are_written_only_when_they_change(f: Fixture) {
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     assert_eq!(store.load_state("appconn/ns/a").await.unwrap(), None);
     let doc = json!({"status": {"id": "x", "version": 1}, "generation": 2});
     store.save_state("appconn/ns/a", &doc).await.unwrap();
@@ -409,11 +466,9 @@ async fn state_documents_are_written_only_when_they_change() {
     assert_eq!(store.load_state("appconn/ns/a").await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn wrong_key_fails_at_open_and_the_right_key_still_reads() {
-    let dir = Dir::new();
+async fn wrong_key_fails_at_open_and_the_right_key_still_reads(f: Fixture) {
     let right = StoreKeys::generate();
-    let store = SqliteStore::open(dir.db(), &right).await.unwrap();
+    let store = f.open(&right).await.unwrap();
     let r = store
         .insert(new_record("ns", "db", CANARY), Timestamp::now())
         .await
@@ -421,39 +476,34 @@ async fn wrong_key_fails_at_open_and_the_right_key_still_reads() {
     store.close().await;
 
     let wrong = StoreKeys::generate();
-    let err = SqliteStore::open(dir.db(), &wrong).await.err().unwrap();
+    let err = f.open(&wrong).await.err().unwrap();
     assert!(matches!(err, StoreError::KeyMismatch { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
         format!(
             "the key file does not match this store ({}): key k1 cannot decrypt it",
-            dir.db().display()
+            f.shown()
         )
     );
     // Also when the wrong keys have another active key: k1 is still checked.
     let mut wrong_rotated = wrong.clone();
     wrong_rotated.add_key();
-    let err = SqliteStore::open(dir.db(), &wrong_rotated)
-        .await
-        .err()
-        .unwrap();
+    let err = f.open(&wrong_rotated).await.err().unwrap();
     assert!(matches!(err, StoreError::KeyMismatch { ref key_id, .. } if key_id == "k1"));
 
-    let store = SqliteStore::open(dir.db(), &right).await.unwrap();
+    let store = f.open(&right).await.unwrap();
     let back = store.get(r.id).await.unwrap().unwrap();
     assert_eq!(back.credentials.expose()["password"], json!(CANARY));
     // The failed opens registered nothing: k2 of the wrong keys is unknown to the store.
     let mut right_rotated = right.clone();
     right_rotated.add_key();
     store.close().await;
-    assert!(SqliteStore::open(dir.db(), &right_rotated).await.is_ok());
+    assert!(f.open(&right_rotated).await.is_ok());
 }
 
-#[tokio::test]
-async fn missing_key_is_named_at_open() {
-    let dir = Dir::new();
+async fn missing_key_is_named_at_open(f: Fixture) {
     let k1 = keys_with(&["k1"], "k1");
-    let store = SqliteStore::open(dir.db(), &k1).await.unwrap();
+    let store = f.open(&k1).await.unwrap();
     let r = store
         .insert(new_record("ns", "db", CANARY), Timestamp::now())
         .await
@@ -461,28 +511,26 @@ async fn missing_key_is_named_at_open() {
     store.close().await;
 
     let only_k2 = keys_with(&["k2"], "k2");
-    let err = SqliteStore::open(dir.db(), &only_k2).await.err().unwrap();
+    let err = f.open(&only_k2).await.err().unwrap();
     assert_eq!(
         err.to_string(),
         format!(
             "store {} holds records encrypted with key k1, which the installation keys do not \
              contain: restore that key",
-            dir.db().display()
+            f.shown()
         )
     );
     // Once no record needs k1 any more, it may go.
-    let store = SqliteStore::open(dir.db(), &k1).await.unwrap();
+    let store = f.open(&k1).await.unwrap();
     assert!(store.delete(r.id).await.unwrap());
     store.close().await;
-    assert!(SqliteStore::open(dir.db(), &only_k2).await.is_ok());
+    assert!(f.open(&only_k2).await.is_ok());
 }
 
-#[tokio::test]
-async fn key_rotation_writes_with_the_new_key_and_reads_the_old() {
-    let dir = Dir::new();
+async fn key_rotation_writes_with_the_new_key_and_reads_the_old(f: Fixture) {
     let mut keys = InstallationKeys::generate();
     let now = Timestamp::now();
-    let store = SqliteStore::open(dir.db(), &keys.store_keys).await.unwrap();
+    let store = f.open(&keys.store_keys).await.unwrap();
     let old = store
         .insert(new_record("ns", "old", CANARY), now)
         .await
@@ -494,7 +542,7 @@ async fn key_rotation_writes_with_the_new_key_and_reads_the_old() {
     store.close().await;
 
     assert_eq!(keys.add_store_key(), "k2");
-    let store = SqliteStore::open(dir.db(), &keys.store_keys).await.unwrap();
+    let store = f.open(&keys.store_keys).await.unwrap();
     let new = store
         .insert(new_record("ns", "new", CANARY_2), now)
         .await
@@ -508,9 +556,9 @@ async fn key_rotation_writes_with_the_new_key_and_reads_the_old() {
         assert_eq!(r.credentials.expose()["password"], json!(password));
     }
     store.close().await;
-    assert_eq!(key_id_of(&dir.db(), old.id).await, "k1");
-    assert_eq!(key_id_of(&dir.db(), new.id).await, "k2");
-    assert_eq!(key_id_of(&dir.db(), touched.id).await, "k2");
+    assert_eq!(f.key_id_of(old.id).await, "k1");
+    assert_eq!(f.key_id_of(new.id).await, "k2");
+    assert_eq!(f.key_id_of(touched.id).await, "k2");
 
     // k1 cannot be dropped while a record uses it; after re-encryption it can.
     let k2_only = {
@@ -521,24 +569,24 @@ async fn key_rotation_writes_with_the_new_key_and_reads_the_old() {
             .unwrap()
             .store_keys
     };
-    let err = SqliteStore::open(dir.db(), &k2_only).await.err().unwrap();
+    let err = f.open(&k2_only).await.err().unwrap();
     assert!(matches!(err, StoreError::UnknownKey { ref key_id, .. } if key_id == "k1"));
 
-    let store = SqliteStore::open(dir.db(), &keys.store_keys).await.unwrap();
+    let store = f.open(&keys.store_keys).await.unwrap();
     let version = store.get(old.id).await.unwrap().unwrap().version;
     assert_eq!(store.reencrypt().await.unwrap(), 1);
     assert_eq!(store.reencrypt().await.unwrap(), 0);
     assert_eq!(store.get(old.id).await.unwrap().unwrap().version, version);
     store.close().await;
-    assert_eq!(key_id_of(&dir.db(), old.id).await, "k2");
+    assert_eq!(f.key_id_of(old.id).await, "k2");
 
-    let store = SqliteStore::open(dir.db(), &k2_only).await.unwrap();
+    let store = f.open(&k2_only).await.unwrap();
     let r = store.get(old.id).await.unwrap().unwrap();
     assert_eq!(r.credentials.expose()["password"], json!(CANARY));
 }
 
 #[tokio::test]
-async fn garbage_and_foreign_files_are_refused() {
+async fn garbage_files_are_refused() {
     let dir = Dir::new();
     let keys = StoreKeys::generate();
     let expected = format!(
@@ -561,13 +609,6 @@ async fn garbage_and_foreign_files_are_refused() {
     std::fs::write(dir.db(), b"hello, not a database\n").unwrap();
     let err = SqliteStore::open(dir.db(), &keys).await.err().unwrap();
     assert_eq!(err.to_string(), expected);
-
-    // A SQLite database of something else.
-    std::fs::remove_file(dir.db()).unwrap();
-    std::fs::File::create(dir.db()).unwrap();
-    raw_sql(&dir.db(), "CREATE TABLE invoices (id INTEGER PRIMARY KEY)").await;
-    let err = SqliteStore::open(dir.db(), &keys).await.err().unwrap();
-    assert_eq!(err.to_string(), expected);
 }
 
 #[tokio::test]
@@ -588,21 +629,12 @@ async fn damaged_store_is_reported_as_corrupt() {
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
 
-#[tokio::test]
-async fn newer_schema_is_refused() {
-    let dir = Dir::new();
+async fn newer_schema_is_refused(f: Fixture) {
     let keys = StoreKeys::generate();
-    SqliteStore::open(dir.db(), &keys)
-        .await
-        .unwrap()
-        .close()
+    f.open(&keys).await.unwrap().close().await;
+    f.exec("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
         .await;
-    raw_sql(
-        &dir.db(),
-        "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
-    )
-    .await;
-    let err = SqliteStore::open(dir.db(), &keys).await.err().unwrap();
+    let err = f.open(&keys).await.err().unwrap();
     assert!(
         err.to_string()
             .contains("written by a newer appconn (schema version 99"),
@@ -610,11 +642,158 @@ async fn newer_schema_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn swapped_ciphertexts_do_not_decrypt() {
-    let dir = Dir::new();
+async fn migrations_upgrade_an_older_store_and_the_older_binary_refuses_it(f: Fixture) {
     let keys = StoreKeys::generate();
-    let store = SqliteStore::open(dir.db(), &keys).await.unwrap();
+    let store = f.open(&keys).await.unwrap();
+    let r = store
+        .insert(new_record("ns", "db", CANARY), Timestamp::now())
+        .await
+        .unwrap();
+    store.close().await;
+
+    // The next version adds a column, as a change of the record would.
+    let first = &migrations::MIGRATIONS[0];
+    let next = [
+        Migration { ..*first },
+        Migration {
+            version: 2,
+            sqlite: "ALTER TABLE connections ADD COLUMN owner_uid TEXT;",
+            postgres: "ALTER TABLE connections ADD COLUMN owner_uid TEXT;",
+        },
+    ];
+    let upgraded = SqlStore::open_with(&f.location, &keys, &next)
+        .await
+        .unwrap();
+    let back = upgraded.get(r.id).await.unwrap().unwrap();
+    assert_eq!(back.credentials.expose()["password"], json!(CANARY));
+    upgraded.close().await;
+    // Opening again applies nothing twice.
+    SqlStore::open_with(&f.location, &keys, &next)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    f.exec("UPDATE connections SET owner_uid = 'u1'").await;
+
+    let err = f.open(&keys).await.err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "store {} was written by a newer appconn (schema version 2, this version reads up to 1)",
+            f.shown()
+        )
+    );
+}
+
+async fn tables_of_something_else_are_refused(f: Fixture) {
+    f.exec("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+        .await;
+    let err = f.open(&StoreKeys::generate()).await.err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        format!("{} is not an appconn store or is corrupt", f.shown())
+    );
+}
+
+async fn reencryption_runs_in_bounded_batches_and_keys_go_only_when_unused(f: Fixture) {
+    let mut keys = InstallationKeys::generate();
+    let now = Timestamp::now();
+    let store = f.open(&keys.store_keys).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let r = store
+            .insert(new_record("ns", &format!("c{i}"), CANARY), now)
+            .await
+            .unwrap();
+        ids.push(r.id);
+    }
+    let usage = |pairs: &[(&str, u64)]| -> Vec<KeyUsage> {
+        pairs
+            .iter()
+            .map(|(k, n)| KeyUsage {
+                key_id: k.to_string(),
+                records: *n,
+            })
+            .collect()
+    };
+    assert_eq!(store.key_usage().await.unwrap(), usage(&[("k1", 25)]));
+    assert_eq!(
+        store.reencrypt_batch(10).await.unwrap(),
+        0,
+        "nothing to move"
+    );
+
+    // The running store takes the rotated keys.
+    keys.add_store_key();
+    store.use_keys(&keys.store_keys).await.unwrap();
+    assert_eq!(store.active_key(), "k2");
+    assert_eq!(
+        store.key_usage().await.unwrap(),
+        usage(&[("k1", 25), ("k2", 0)])
+    );
+    let err = store.forget_key("k1").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "key k1 cannot be removed: it still encrypts 25 record(s): wait until re-encryption \
+         has moved them (appconn keys status)"
+    );
+    let err = store.forget_key("k2").await.unwrap_err();
+    assert!(err.to_string().contains("it is the current key"), "{err}");
+
+    let writes = store.write_count();
+    assert_eq!(store.reencrypt_batch(10).await.unwrap(), 10);
+    assert_eq!(store.write_count(), writes + 10);
+    assert_eq!(
+        store.key_usage().await.unwrap(),
+        usage(&[("k1", 15), ("k2", 10)])
+    );
+    // Half-way, every record reads, whichever key seals it.
+    for id in &ids {
+        let r = store.get(*id).await.unwrap().unwrap();
+        assert_eq!(r.credentials.expose()["password"], json!(CANARY));
+        assert_eq!(r.version, 1, "re-encryption is no content change");
+    }
+    // A record updated meanwhile is sealed with k2 by the update itself.
+    let mut on_k1 = None;
+    for (i, id) in ids.iter().enumerate() {
+        if f.key_id_of(*id).await == "k1" {
+            on_k1 = Some((i, *id));
+            break;
+        }
+    }
+    let (i, id) = on_k1.unwrap();
+    store
+        .update(id, new_record("ns", &format!("c{i}"), CANARY_2), now)
+        .await
+        .unwrap();
+    assert_eq!(f.key_id_of(id).await, "k2");
+    assert_eq!(store.reencrypt_batch(10).await.unwrap(), 10);
+    assert_eq!(store.reencrypt_batch(10).await.unwrap(), 4);
+    assert_eq!(store.reencrypt_batch(10).await.unwrap(), 0);
+    assert_eq!(
+        store.key_usage().await.unwrap(),
+        usage(&[("k1", 0), ("k2", 25)])
+    );
+
+    store.forget_key("k1").await.unwrap();
+    assert_eq!(store.key_usage().await.unwrap(), usage(&[("k2", 25)]));
+    store.close().await;
+    // Without k1 in the key set the store opens and reads everything.
+    let json = keys.to_json();
+    let mut doc: Value = serde_json::from_slice(json.expose_secret()).unwrap();
+    doc["storeKeys"].as_array_mut().unwrap().remove(0);
+    let k2_only = InstallationKeys::from_json(doc.to_string().as_bytes())
+        .unwrap()
+        .store_keys;
+    let store = f.open(&k2_only).await.unwrap();
+    for id in &ids {
+        assert!(store.get(*id).await.unwrap().is_some());
+    }
+}
+
+async fn swapped_ciphertexts_do_not_decrypt(f: Fixture) {
+    let keys = StoreKeys::generate();
+    let store = f.open(&keys).await.unwrap();
     let a = store
         .insert(new_record("ns", "a", CANARY), Timestamp::now())
         .await
@@ -624,21 +803,20 @@ async fn swapped_ciphertexts_do_not_decrypt() {
         .await
         .unwrap();
     store.close().await;
-    raw_sql(
-        &dir.db(),
+    f.exec(
         "UPDATE connections SET credentials = \
          (SELECT credentials FROM connections WHERE connection_name = 'b') \
          WHERE connection_name = 'a'",
     )
     .await;
-    let store = SqliteStore::open(dir.db(), &keys).await.unwrap();
+    let store = f.open(&keys).await.unwrap();
     let err = store.get(a.id).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
             "record {} in store {} cannot be decrypted: it was altered or damaged",
             a.id,
-            dir.db().display()
+            f.shown()
         )
     );
     assert!(store.find_by_name("ns", "b").await.unwrap().is_some());
@@ -770,11 +948,9 @@ async fn credential_values_never_reach_the_files() {
     }
 }
 
-#[tokio::test]
-async fn errors_never_show_credentials() {
-    let dir = Dir::new();
+async fn errors_never_show_credentials(f: Fixture) {
     let keys = StoreKeys::generate();
-    let store = SqliteStore::open(dir.db(), &keys).await.unwrap();
+    let store = f.open(&keys).await.unwrap();
     let r = store
         .insert(new_record("ns", "db", CANARY), Timestamp::now())
         .await
@@ -791,10 +967,7 @@ async fn errors_never_show_credentials() {
         .update(other.id, new_record("ns", "db", CANARY), Timestamp::now())
         .await;
     store.close().await;
-    let mismatch = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .err()
-        .unwrap();
+    let mismatch = f.open(&StoreKeys::generate()).await.err().unwrap();
     let shown = format!(
         "{taken} {taken:?} {collide:?} {mismatch} {mismatch:?} {:?}",
         r.credentials
@@ -806,12 +979,8 @@ async fn errors_never_show_credentials() {
     assert!(!shown.contains("zebra"), "{shown}");
 }
 
-#[tokio::test]
-async fn rotation_state_is_kept_by_the_engine() {
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+async fn rotation_state_is_kept_by_the_engine(f: Fixture) {
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     let schedule = RotationSchedule {
         interval_days: 7,
         hours: 6,
@@ -862,14 +1031,10 @@ async fn rotation_state_is_kept_by_the_engine() {
 }
 
 /// 10,000 records: prints the figures, asserts only what was stored.
-/// `cargo test --test store ten_thousand -- --nocapture` shows them.
-#[tokio::test]
-async fn ten_thousand_records() {
+/// `cargo test --test store ten_thousand -- --nocapture` shows them for both engines.
+async fn ten_thousand_records(f: Fixture) {
     const N: usize = 10_000;
-    let dir = Dir::new();
-    let store = SqliteStore::open(dir.db(), &StoreKeys::generate())
-        .await
-        .unwrap();
+    let store = f.open(&StoreKeys::generate()).await.unwrap();
     let now = Timestamp::now();
 
     let started = Instant::now();
@@ -916,11 +1081,110 @@ async fn ten_thousand_records() {
 
     let rate = |d: std::time::Duration| N as f64 / d.as_secs_f64();
     println!(
-        "10,000 records: insert {insert:.2?} ({:.0}/s), changed update {update:.2?} ({:.0}/s), \
+        "{}: 10,000 records: insert {insert:.2?} ({:.0}/s), changed update {update:.2?} ({:.0}/s), \
          unchanged update {noop:.2?} ({:.0}/s), {} finds by name {finds:.2?}, list all {list:.2?}",
+        f.engine(),
         rate(insert),
         rate(update),
         rate(noop),
         N.div_ceil(7),
     );
+}
+
+/// Failures to reach a PostgreSQL store are one line naming the store, never the password.
+#[tokio::test]
+async fn postgres_connection_failures_give_one_clear_line() {
+    let Some(server) = pg::or_skip("postgres_connection_failures_give_one_clear_line") else {
+        return;
+    };
+    let database = server.database();
+    let keys = &StoreKeys::generate();
+    let port = server.port();
+    let open = |url: String| async move {
+        let location = StoreLocation::parse(&url).unwrap();
+        let shown = location.describe();
+        let err = SqlStore::open_location(&location, keys)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("cannot open store {shown}: ")),
+            "{message}"
+        );
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(!message.contains(server.password()), "{message}");
+        assert!(!message.contains("zebra"), "{message}");
+        message
+    };
+    let wrong = open(format!(
+        "postgres://postgres:zebra-canary-7781@127.0.0.1:{port}/{}",
+        database.name
+    ))
+    .await;
+    assert!(
+        wrong.ends_with("password authentication failed for user \"postgres\""),
+        "{wrong}"
+    );
+    let missing = open(format!(
+        "postgres://postgres:{}@127.0.0.1:{port}/nope",
+        server.password()
+    ))
+    .await;
+    assert!(
+        missing.ends_with("database \"nope\" does not exist"),
+        "{missing}"
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = free.local_addr().unwrap().port();
+    drop(free);
+    let refused = open(format!("postgres://postgres@127.0.0.1:{closed}/x")).await;
+    assert!(refused.ends_with("connection refused"), "{refused}");
+    // sslmode is honoured: this server has no TLS, and `require` will not do without.
+    let tls = open(format!(
+        "postgres://postgres:{}@127.0.0.1:{port}/{}?sslmode=require",
+        server.password(),
+        database.name
+    ))
+    .await;
+    assert!(tls.contains("TLS"), "{tls}");
+}
+
+#[tokio::test]
+async fn the_postgres_password_can_come_from_a_file() {
+    let Some(server) = pg::or_skip("the_postgres_password_can_come_from_a_file") else {
+        return;
+    };
+    let database = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{}\n", server.password())).unwrap();
+    let location = StoreLocation::parse(&format!(
+        "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
+        server.port(),
+        database.name
+    ))
+    .unwrap()
+    .with_password_file(&file)
+    .unwrap();
+    let store = SqlStore::open_location(&location, &StoreKeys::generate())
+        .await
+        .unwrap();
+    assert!(store.is_postgres());
+    assert!(
+        !store
+            .path()
+            .display()
+            .to_string()
+            .contains(server.password())
+    );
+    store
+        .insert(new_record("ns", "db", CANARY), Timestamp::now())
+        .await
+        .unwrap();
+    // What a backup of the database holds: ciphertext only.
+    let dump = server.dump(&database);
+    assert!(!dump.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()));
+    assert!(dump.windows(19).any(|w| w == b"Analytics warehouse"));
 }

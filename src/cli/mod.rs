@@ -1,6 +1,7 @@
 //! `appconn apply | delete | get`: the reconcile core driven from files, with no cluster.
 
 mod env;
+pub mod keys;
 pub mod manifests;
 pub mod output;
 
@@ -29,6 +30,8 @@ pub enum CliError {
     Store(String),
     #[error("{0}")]
     Keys(String),
+    #[error("{0}")]
+    Kube(String),
 }
 
 /// Where the built-in store and its key file live.

@@ -1,4 +1,8 @@
 //! `appconn run`: keys, store, admin server, leader election and the controllers, in order.
+//!
+//! Every replica serves the store read API and re-reads the installation keys and the API's
+//! certificate as they change. Only the leader (or the one replica, without leader election)
+//! runs the controllers and moves records to a rotated key; a standby writes nothing.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -6,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
@@ -18,11 +23,12 @@ use super::leader::{LeaderElector, LeaseConfig};
 use super::run::{ControllerConfig, run_controllers};
 use crate::backend::builtin::BuiltinBackend;
 use crate::http::{AdminState, Readiness};
-use crate::keys::{InstallationKeys, SECRET_KEY};
+use crate::keys::{InstallationKeys, SECRET_KEY, StoreKeys};
 use crate::kube_error::describe;
 use crate::metrics::Metrics;
 use crate::store::api::StoreApiState;
-use crate::store::{SqliteStore, StoreEngine};
+use crate::store::tls::{CertReloader, TlsFiles};
+use crate::store::{SqlStore, StoreEngine, StoreLocation};
 
 /// Everything `appconn run` is told.
 pub struct OperatorOptions {
@@ -30,7 +36,7 @@ pub struct OperatorOptions {
     pub namespaces: Vec<String>,
     pub operator_namespace: String,
     pub concurrency: u16,
-    pub store: PathBuf,
+    pub store: StoreLocation,
     /// The Secret (in the operator namespace) holding the installation keys.
     pub key_secret: String,
     /// A key file instead of the Secret.
@@ -39,9 +45,34 @@ pub struct OperatorOptions {
     pub admin: tokio::net::TcpListener,
     /// The store read API's listener, already bound.
     pub store_api: tokio::net::TcpListener,
+    /// HTTPS for the read API; `None` serves plain HTTP, which the command line only allows
+    /// when asked for by name.
+    pub store_api_tls: Option<TlsFiles>,
+    pub maintenance: Maintenance,
     pub leader_elect: bool,
     pub lease: LeaseConfig,
     pub default_refresh: Duration,
+}
+
+/// The background work of a running store: re-reading keys and certificate, re-encryption.
+#[derive(Clone, Debug)]
+pub struct Maintenance {
+    /// How often the installation keys and the read API's certificate are read again.
+    pub reload_every: Duration,
+    /// Records moved to the current key per batch.
+    pub reencrypt_batch: usize,
+    /// Pause between two batches, so re-encryption never crowds out reconciles.
+    pub reencrypt_pause: Duration,
+}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Self {
+            reload_every: Duration::from_secs(10),
+            reencrypt_batch: 100,
+            reencrypt_pause: Duration::from_millis(100),
+        }
+    }
 }
 
 /// Why the operator could not start.
@@ -75,24 +106,64 @@ pub async fn run(
     if opts.leader_elect {
         check_lease_namespace(&client, &opts.lease).await?;
     }
-    let keys = match &opts.key_file {
-        Some(path) => InstallationKeys::load_or_create_file(path)
-            .map_err(|e| OperatorError::Keys(e.to_string()))?,
-        None => keys_from_secret(&client, &opts.operator_namespace, &opts.key_secret).await?,
+    let key_source = match &opts.key_file {
+        Some(path) => KeySource::File(path.clone()),
+        None => KeySource::Secret {
+            client: client.clone(),
+            namespace: opts.operator_namespace.clone(),
+            name: opts.key_secret.clone(),
+        },
     };
-    let store = SqliteStore::open(&opts.store, &keys.store_keys)
+    let keys = match &key_source {
+        KeySource::File(path) => InstallationKeys::load_or_create_file(path)
+            .map_err(|e| OperatorError::Keys(e.to_string()))?,
+        KeySource::Secret {
+            client,
+            namespace,
+            name,
+        } => keys_from_secret(client, namespace, name).await?,
+    };
+    let store = SqlStore::open_location(&opts.store, &keys.store_keys)
         .await
         .map_err(|e| OperatorError::Store(e.to_string()))?;
-    let store: Arc<dyn StoreEngine> = Arc::new(store);
-    let builtin = Arc::new(BuiltinBackend::new(store.clone()));
-    let store_api = tokio::spawn(crate::store::api::serve(
-        opts.store_api,
-        StoreApiState {
-            store,
-            client: client.clone(),
-        },
+    info!(store = %opts.store, active_key = %store.active_key(), "store opened");
+    let store = Arc::new(store);
+    let keys_changed = Arc::new(tokio::sync::Notify::new());
+    let key_reload = tokio::spawn(reload_keys(
+        key_source,
+        store.clone(),
+        keys.store_keys.clone(),
+        opts.maintenance.reload_every,
+        keys_changed.clone(),
         shutdown.clone(),
     ));
+    let engine: Arc<dyn StoreEngine> = store.clone();
+    let builtin = Arc::new(BuiltinBackend::new(engine.clone()));
+    let api_state = StoreApiState {
+        store: engine,
+        client: client.clone(),
+    };
+    let store_api = match opts.store_api_tls.clone() {
+        Some(files) => {
+            let certs = CertReloader::new(files);
+            tokio::spawn(
+                certs
+                    .clone()
+                    .watch(opts.maintenance.reload_every, shutdown.clone()),
+            );
+            tokio::spawn(crate::store::api::serve_tls(
+                opts.store_api,
+                api_state,
+                certs,
+                shutdown.clone(),
+            ))
+        }
+        None => tokio::spawn(crate::store::api::serve(
+            opts.store_api,
+            api_state,
+            shutdown.clone(),
+        )),
+    };
     let metrics = Arc::new(Metrics::default());
     let readiness = Readiness::default();
     let admin = tokio::spawn(crate::http::serve(
@@ -118,8 +189,22 @@ pub async fn run(
         },
     };
 
+    // What the one writer does: reconcile, and move records to the current key.
+    let lead = |until: Shared<BoxFuture<'static, ()>>| {
+        let reencrypt = reencrypt(
+            store.clone(),
+            opts.maintenance.clone(),
+            keys_changed.clone(),
+            until.clone(),
+        );
+        let controllers = run_controllers(client.clone(), config(), until);
+        async move {
+            tokio::join!(controllers, reencrypt);
+        }
+    };
+
     if !opts.leader_elect {
-        run_controllers(client, config(), shutdown).await;
+        lead(shutdown.clone().boxed().shared()).await;
     } else {
         let (stop_election, election_stopped) = tokio::sync::oneshot::channel::<()>();
         let elector = LeaderElector::new(client.clone(), opts.lease.clone());
@@ -146,7 +231,7 @@ pub async fn run(
                     _ = lost.wait_for(|l| !*l) => {}
                 }
             };
-            run_controllers(client.clone(), config(), until).await;
+            lead(until.boxed().shared()).await;
             info!("no longer leading: controllers stopped");
         }
         let _ = stop_election.send(());
@@ -154,7 +239,149 @@ pub async fn run(
     }
     let _ = admin.await;
     let _ = store_api.await;
+    let _ = key_reload.await;
     Ok(())
+}
+
+/// Where the installation keys are kept.
+enum KeySource {
+    File(PathBuf),
+    Secret {
+        client: Client,
+        namespace: String,
+        name: String,
+    },
+}
+
+impl KeySource {
+    async fn read(&self) -> Result<InstallationKeys, String> {
+        match self {
+            KeySource::File(path) => InstallationKeys::read_file(path).map_err(|e| e.to_string()),
+            KeySource::Secret {
+                client,
+                namespace,
+                name,
+            } => {
+                let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+                    .get(name)
+                    .await
+                    .map_err(|e| format!("Secret {namespace}/{name}: {}", describe(&e)))?;
+                let data = secret.data.unwrap_or_default();
+                let bytes = data.get(SECRET_KEY).ok_or_else(|| {
+                    format!("Secret {namespace}/{name} has no key {SECRET_KEY:?}")
+                })?;
+                InstallationKeys::from_json(&bytes.0)
+                    .map_err(|e| format!("Secret {namespace}/{name}: {e}"))
+            }
+        }
+    }
+}
+
+/// Reads the installation keys every `every` and hands a changed set of store keys (after
+/// `appconn keys rotate` or `remove`) to the store, then wakes the re-encryption. A set the
+/// store refuses (a key it still needs is gone) is logged and the old one kept.
+///
+/// Runs on every replica, so that a standby can read what the leader writes.
+async fn reload_keys(
+    source: KeySource,
+    store: Arc<SqlStore>,
+    mut current: StoreKeys,
+    every: Duration,
+    changed: Arc<tokio::sync::Notify>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let read = match source.read().await {
+            Ok(keys) => keys.store_keys,
+            Err(e) => {
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "cannot read the installation keys; keeping the ones in use");
+                    last_error = Some(e);
+                }
+                continue;
+            }
+        };
+        last_error = None;
+        if read.same_as(&current) {
+            continue;
+        }
+        // A new current key is first only readable for one interval, while writes keep the key
+        // in use: by then every replica has read the new set, so none meets a record sealed
+        // with a key it does not know yet.
+        if let Some(staged) = read
+            .with_active(current.active_id())
+            .filter(|_| read.active_id() != current.active_id())
+        {
+            if let Err(e) = store.use_keys(&staged).await {
+                tracing::warn!(error = %e, "the changed installation keys do not fit the store; keeping the ones in use");
+                continue;
+            }
+            info!(next_key = %read.active_id(), "store keys changed: the new key becomes current after one reload interval");
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        match store.use_keys(&read).await {
+            Ok(()) => {
+                info!(active_key = %read.active_id(), keys = ?read.ids().collect::<Vec<_>>(), "store keys changed");
+                current = read;
+                changed.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the changed installation keys do not fit the store; keeping the ones in use")
+            }
+        }
+    }
+}
+
+/// The leader's share of a key rotation: records sealed with an older key move to the current
+/// one, `batch` at a time with a pause between batches, until none is left; then it waits for
+/// the keys to change again (or a minute, for records another replica wrote with an older key).
+async fn reencrypt(
+    store: Arc<SqlStore>,
+    options: Maintenance,
+    keys_changed: Arc<tokio::sync::Notify>,
+    until: impl Future<Output = ()>,
+) {
+    tokio::pin!(until);
+    let mut moved = 0u64;
+    loop {
+        let pause = match store.reencrypt_batch(options.reencrypt_batch.max(1)).await {
+            Ok(0) => {
+                if moved > 0 {
+                    info!(records = moved, active_key = %store.active_key(), "re-encryption done");
+                    moved = 0;
+                }
+                tokio::select! {
+                    _ = &mut until => return,
+                    _ = keys_changed.notified() => continue,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => continue,
+                }
+            }
+            Ok(n) => {
+                if moved == 0 {
+                    info!(active_key = %store.active_key(), "re-encrypting records sealed with older keys");
+                }
+                moved += n;
+                options.reencrypt_pause
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-encryption failed; trying again");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::select! {
+            _ = &mut until => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 /// Reads the installation keys from their Secret, creating it with fresh keys on first start.

@@ -1,5 +1,6 @@
-//! The store's read API for consumers (HTTP, JSON), so that access to a connection's secrets is
-//! plain Kubernetes RBAC on a ServiceAccount:
+//! The store's read API for consumers (HTTPS through [`serve_tls`], or plain HTTP through
+//! [`serve`]; JSON), so that access to a connection's secrets is plain Kubernetes RBAC on a
+//! ServiceAccount:
 //!
 //! - `GET /v1/connections`, `GET /v1/namespaces/{namespace}/connections`: records without their
 //!   credentials, for callers allowed to `list` `appconnections` (cluster-wide or in the
@@ -87,6 +88,16 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// [`serve`] over HTTPS, with the certificate `certs` serves (see [`super::tls`]).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: StoreApiState,
+    certs: Arc<super::tls::CertReloader>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    super::tls::serve(listener, router(state), certs, shutdown).await
 }
 
 struct Shared {

@@ -1,12 +1,19 @@
-//! The built-in store: connection records with encrypted credentials, behind [`StoreEngine`] so
-//! that SQLite (the embedded default) and a later PostgreSQL engine share one contract.
+//! The built-in store: connection records with encrypted credentials, behind [`StoreEngine`].
+//!
+//! One engine, [`SqlStore`], runs on SQLite (one file, the embedded default) or PostgreSQL (for
+//! several replicas and managed backups). Everything but the SQL dialect is shared: record
+//! building, rotation state, encryption, row mapping and the statements themselves.
 //!
 //! Rotation state is kept by the engine itself, from the schedule and the credentials it is
 //! given, so every engine reports it the same way: see [`RotationState`].
 
 pub mod api;
 mod crypto;
-mod sqlite;
+mod dialect;
+mod location;
+pub mod migrations;
+mod sql;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +28,12 @@ use uuid::Uuid;
 use crate::crd::RotationSchedule;
 use crate::secret::Credentials;
 
-pub use sqlite::SqliteStore;
+pub use location::{LocationError, StoreLocation};
+pub use sql::{KeyUsage, SqlStore};
+
+/// The engine opened on a SQLite file ([`SqlStore::open`]): the name callers of the embedded
+/// store know it by.
+pub type SqliteStore = SqlStore;
 
 /// What a caller writes: one connection with its credentials.
 #[derive(Clone, Debug)]
@@ -277,9 +289,11 @@ pub fn next_rotation(from: Timestamp, s: RotationSchedule) -> Timestamp {
 }
 
 /// A failed store operation. Each message is one line a person can act on; none holds a secret.
+/// `path` is the store's file, or its PostgreSQL URL without the password.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The file cannot be created or opened (permissions, missing directory, read-only volume).
+    /// The file cannot be created or opened (permissions, missing directory, read-only volume),
+    /// or the database server refused the connection.
     #[error("cannot open store {}: {reason}", path.display())]
     Open { path: PathBuf, reason: String },
     /// Not a SQLite database, a SQLite database of something else, or damaged.
@@ -321,6 +335,12 @@ pub enum StoreError {
     Io { path: PathBuf, reason: String },
     #[error("store {}: {reason}", path.display())]
     Database { path: PathBuf, reason: String },
+    /// A key still encrypts records, or is the current one, and cannot be forgotten.
+    #[error("key {key_id} cannot be removed: {reason}")]
+    KeyInUse { key_id: String, reason: String },
+    /// An operation only one engine offers (a file backup of PostgreSQL, say).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl StoreError {

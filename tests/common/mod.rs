@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use appconn::controller::leader::LeaseConfig;
-use appconn::controller::operator::{self, OperatorOptions};
+use appconn::controller::operator::{self, Maintenance, OperatorOptions};
 use appconn::crd::{AppConnection, ConnectionBackend, ConnectionBackendStatus};
+use appconn::store::StoreLocation;
+use appconn::store::tls::TlsFiles;
 use appconn_testkit::apiserver::TestApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -411,6 +413,11 @@ pub struct OperatorSettings {
     pub leader_elect: Option<String>,
     /// Keep the installation keys in a Secret (as in a cluster) instead of the key file.
     pub keys_in_secret: bool,
+    /// A PostgreSQL URL instead of the SQLite file in [`Paths`].
+    pub postgres: Option<String>,
+    /// HTTPS for the store read API; plain HTTP without.
+    pub store_api_tls: Option<TlsFiles>,
+    pub maintenance: Maintenance,
 }
 
 impl Default for OperatorSettings {
@@ -419,6 +426,9 @@ impl Default for OperatorSettings {
             refresh: Duration::from_secs(600),
             leader_elect: None,
             keys_in_secret: false,
+            postgres: None,
+            store_api_tls: None,
+            maintenance: Maintenance::default(),
         }
     }
 }
@@ -431,7 +441,12 @@ impl Operator {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let store_api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let store_api_url = format!("http://{}", store_api.local_addr().unwrap());
+        let scheme = if settings.store_api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let store_api_url = format!("{scheme}://{}", store_api.local_addr().unwrap());
         let mut lease = LeaseConfig::new(
             &cluster.namespace,
             "appconn-leader",
@@ -446,11 +461,16 @@ impl Operator {
             namespaces: vec![cluster.namespace.clone()],
             operator_namespace: cluster.namespace.clone(),
             concurrency: 16,
-            store: paths.store(),
+            store: match &settings.postgres {
+                Some(url) => StoreLocation::parse(url).unwrap(),
+                None => StoreLocation::Sqlite(paths.store()),
+            },
             key_secret: "appconn-store-key".into(),
             key_file: (!settings.keys_in_secret).then(|| paths.key_file()),
             admin,
             store_api,
+            store_api_tls: settings.store_api_tls.clone(),
+            maintenance: settings.maintenance.clone(),
             leader_elect: settings.leader_elect.is_some(),
             lease,
             default_refresh: settings.refresh,

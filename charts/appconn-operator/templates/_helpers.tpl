@@ -67,3 +67,10 @@ only add API writes, with more it is what keeps two pods from reconciling the sa
 {{- define "appconn.pvcName" -}}
 {{- default (printf "%s-store" (include "appconn.fullname" .)) .Values.persistence.existingClaim }}
 {{- end }}
+
+{{/*
+The kubernetes.io/tls Secret the store read API's certificate comes from.
+*/}}
+{{- define "appconn.storeApiTlsSecret" -}}
+{{- default (printf "%s-store-api-tls" (include "appconn.fullname" .)) .Values.storeApi.tls.secretName }}
+{{- end }}

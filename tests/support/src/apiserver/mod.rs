@@ -179,6 +179,22 @@ impl TestApiServer {
         config
     }
 
+    /// Writes `dir/kubeconfig` naming this server, its context's namespace `namespace`, for
+    /// processes under test; returns its path.
+    pub fn write_kubeconfig(&self, dir: &std::path::Path, namespace: &str) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let config = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}],
+            "current-context": "test",
+        });
+        std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML"))
+            .expect("writing the kubeconfig");
+        path
+    }
+
     /// A `kube::Client` for this server.
     pub fn client(&self) -> kube::Client {
         kube::Client::try_from(self.kube_config()).expect("client for the test API server")
