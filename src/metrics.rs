@@ -24,7 +24,8 @@ pub struct ReconcileLabels {
 pub struct BackendLabels {
     pub backend: &'static str,
     pub operation: &'static str,
-    /// `2xx`, `3xx`, `4xx`, `5xx` or `error` (no response).
+    /// `2xx`, `3xx`, `4xx`, `5xx` or `error` (no response); the built-in store: `ok` or
+    /// `error`.
     pub status_class: &'static str,
 }
 
@@ -111,6 +112,20 @@ impl Metrics {
             backend,
             operation,
             status_class,
+        };
+        self.backend_requests.get_or_create(&labels).inc();
+        self.backend_request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One operation on the built-in store, counted as a request to the `builtin` backend
+    /// (status class `ok` or `error`).
+    pub fn observe_store(&self, operation: &'static str, ok: bool, elapsed: Duration) {
+        let labels = BackendLabels {
+            backend: "builtin",
+            operation,
+            status_class: if ok { "ok" } else { "error" },
         };
         self.backend_requests.get_or_create(&labels).inc();
         self.backend_request_duration

@@ -1,7 +1,9 @@
 //! The built-in store as a backend: records in a [`StoreEngine`], ids are uuids, and rotation is
 //! the store's schedule (the credentials must change by `nextRotationAt`).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -9,6 +11,7 @@ use uuid::Uuid;
 
 use super::{Backend, BackendError, Desired, Remote, RemoteRotation, Target};
 use crate::crd::ProviderType;
+use crate::metrics::Metrics;
 use crate::store::{NewRecord, Record, RotationState, StoreEngine, StoreError};
 
 /// The time source; tests move it.
@@ -19,6 +22,7 @@ const MAX_NAME_LEN: usize = 64;
 pub struct BuiltinBackend {
     store: Arc<dyn StoreEngine>,
     clock: Clock,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl BuiltinBackend {
@@ -26,7 +30,28 @@ impl BuiltinBackend {
         Self {
             store,
             clock: Arc::new(Timestamp::now),
+            metrics: None,
         }
+    }
+
+    /// Counts every store operation in `appconn_backend_requests_total{backend="builtin"}`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs one store operation, counted and timed as a request to this backend.
+    async fn counted<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, BackendError> {
+        let started = Instant::now();
+        let result = call.await;
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_store(operation, result.is_ok(), started.elapsed());
+        }
+        result.map_err(backend_error)
     }
 
     pub fn with_clock(mut self, clock: Clock) -> Self {
@@ -52,7 +77,7 @@ impl BuiltinBackend {
         let Ok(id) = Uuid::parse_str(id) else {
             return Ok(None);
         };
-        let record = self.store.get(id).await.map_err(backend_error)?;
+        let record = self.counted("get", self.store.get(id)).await?;
         Ok(record.filter(|r| r.namespace == namespace).map(|r| r.id))
     }
 }
@@ -145,38 +170,32 @@ impl Backend for BuiltinBackend {
     }
 
     async fn check(&self) -> Result<(), BackendError> {
-        self.store
-            .get(Uuid::nil())
+        self.counted("check", self.store.get(Uuid::nil()))
             .await
             .map(|_| ())
-            .map_err(backend_error)
     }
 
     async fn get(&self, id: &str, target: &Target) -> Result<Option<Remote>, BackendError> {
         let Ok(id) = Uuid::parse_str(id) else {
             return Ok(None);
         };
-        let record = self.store.get(id).await.map_err(backend_error)?;
+        let record = self.counted("get", self.store.get(id)).await?;
         Ok(record
             .filter(|r| r.namespace == target.namespace)
             .map(|r| self.remote(&r)))
     }
 
     async fn find(&self, target: &Target) -> Result<Option<Remote>, BackendError> {
-        let record = self
+        let find = self
             .store
-            .find_by_name(&target.namespace, &target.connection_name)
-            .await
-            .map_err(backend_error)?;
+            .find_by_name(&target.namespace, &target.connection_name);
+        let record = self.counted("find", find).await?;
         Ok(record.map(|r| self.remote(&r)))
     }
 
     async fn create(&self, desired: &Desired) -> Result<Remote, BackendError> {
-        let record = self
-            .store
-            .insert(new_record(desired), (self.clock)())
-            .await
-            .map_err(backend_error)?;
+        let insert = self.store.insert(new_record(desired), (self.clock)());
+        let record = self.counted("create", insert).await?;
         Ok(self.remote(&record))
     }
 
@@ -185,17 +204,14 @@ impl Backend for BuiltinBackend {
             .owned(id, &desired.target.namespace)
             .await?
             .ok_or(BackendError::NotFound)?;
-        let record = self
-            .store
-            .update(id, new_record(desired), (self.clock)())
-            .await
-            .map_err(backend_error)?;
+        let update = self.store.update(id, new_record(desired), (self.clock)());
+        let record = self.counted("update", update).await?;
         Ok(self.remote(&record))
     }
 
     async fn delete(&self, id: &str, target: &Target) -> Result<(), BackendError> {
         if let Some(id) = self.owned(id, &target.namespace).await? {
-            self.store.delete(id).await.map_err(backend_error)?;
+            self.counted("delete", self.store.delete(id)).await?;
         }
         Ok(())
     }
@@ -371,6 +387,37 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(gone, BackendError::NotFound), "{gone:?}");
+    }
+
+    #[tokio::test]
+    async fn store_operations_are_counted_as_backend_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("store.db"), &StoreKeys::generate())
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let b = BuiltinBackend::new(Arc::new(store)).with_metrics(metrics.clone());
+        let t = target("analytics", "counted");
+        let created = b.create(&desired(t.clone(), CANARY, "one")).await.unwrap();
+        b.get(&created.id, &t).await.unwrap();
+        b.get(&created.id, &t).await.unwrap();
+        b.create(&desired(t.clone(), CANARY, "one"))
+            .await
+            .unwrap_err();
+        let text = metrics.encode();
+        let count = |op: &str, class: &str| {
+            let series = format!(
+                "appconn_backend_requests_total{{backend=\"builtin\",operation=\"{op}\",\
+                 status_class=\"{class}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map(|v| v.trim().to_string())
+        };
+        assert_eq!(count("create", "ok").as_deref(), Some("1"), "{text}");
+        assert_eq!(count("get", "ok").as_deref(), Some("2"), "{text}");
+        assert_eq!(count("create", "error").as_deref(), Some("1"), "{text}");
+        assert!(!text.contains(CANARY));
     }
 
     #[tokio::test]

@@ -192,6 +192,28 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The uid and generation of the backend resource `conn` names (None for the built-in
+    /// store, or a resource not in the caches).
+    pub fn backend_version(&self, conn: &AppConnection) -> Option<(String, i64)> {
+        let reference = conn.spec.backend_ref.as_ref()?;
+        let meta = match reference.kind {
+            crate::crd::BackendKind::ConnectionBackend => {
+                let namespace = conn.namespace().unwrap_or_default();
+                self.connection_backend(&namespace, &reference.name)?
+                    .metadata
+            }
+            crate::crd::BackendKind::ClusterConnectionBackend => {
+                self.cluster_backend(&reference.name)?.metadata
+            }
+        };
+        Some((
+            meta.uid.unwrap_or_default(),
+            meta.generation.unwrap_or_default(),
+        ))
+    }
+}
+
 impl BackendResources for Registry {
     fn connection_backend(&self, namespace: &str, name: &str) -> Option<ConnectionBackend> {
         let wanted = ObjectRef::new(name).within(namespace);

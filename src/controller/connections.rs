@@ -16,10 +16,11 @@ use super::backends::Registry;
 use super::backoff::{Backoff, jitter};
 use super::index::RefIndex;
 use super::kube_env::KubeEnv;
-use crate::crd::{AppConnection, parse_duration};
+use super::secrets::SecretVersions;
+use crate::crd::{AppConnection, AppConnectionStatus, parse_duration};
 use crate::kube_error::describe;
 use crate::metrics::{Metrics, ReadinessLabels};
-use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue, Verb};
+use crate::reconcile::{EnvError, Options, Reason, Reconciler, Requeue, Verb, plan, status};
 
 /// Shared by every reconcile; built once.
 pub struct Context {
@@ -30,26 +31,72 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub index: RefIndex,
     pub backoff: Backoff,
+    /// The resourceVersions of the Secrets of the watched scopes.
+    pub secrets: SecretVersions,
     /// Default drift-check interval when a connection sets none.
     pub default_refresh: Duration,
-    /// uid -> when the backend object was last read or written, for drift checks.
-    pub verified: Mutex<HashMap<String, Instant>>,
-    /// uid -> readiness last counted in the `connections` gauge.
-    pub readiness: Mutex<HashMap<String, (bool, Reason)>>,
-    /// uid -> resourceVersion of the latest copy this process wrote or read. The watch cache
-    /// can lag behind the operator's own writes; a cached copy with another version is checked
-    /// against the API before anything is decided on it.
-    pub known: Mutex<HashMap<String, String>>,
+    /// uid -> what this process remembers of the object.
+    pub tracked: Mutex<HashMap<String, Tracked>>,
     /// uid -> when this process saw the object go. The cache may still hold a copy for a
     /// moment; acting on it would repeat the backend delete.
     pub gone: Mutex<HashMap<String, Instant>>,
 }
 
+/// What this process remembers of one AppConnection.
+#[derive(Default)]
+pub struct Tracked {
+    /// The resourceVersion of the latest copy this process wrote or read. The watch cache can
+    /// lag behind the operator's own writes: a cached copy with another version is checked
+    /// against the API before anything is decided on it...
+    latest: Option<String>,
+    /// ...except one of the versions this process wrote before its latest write: that write's
+    /// own event follows and brings the next reconcile.
+    superseded: Vec<String>,
+    /// When the backend object was last read or written, for drift checks.
+    verified: Option<Instant>,
+    /// Readiness last counted in the `connections` gauge.
+    counted: Option<(bool, Reason)>,
+    /// What the last reconcile read when it ended Ready: while none of it moved, a reconcile
+    /// (its own status write's event, a requeue) has nothing to do.
+    settled: Option<Settled>,
+}
+
+/// The inputs of a reconcile that ended Ready.
+struct Settled {
+    generation: Option<i64>,
+    /// The status it wrote or kept, hashed.
+    status: u64,
+    /// The Secrets it read, at the versions it read them (None: missing).
+    secrets: Vec<(String, Option<String>)>,
+    /// The backend resource's uid and generation (None: the built-in store).
+    backend: Option<(String, i64)>,
+}
+
+/// How far a cached copy can be trusted.
+enum Copy {
+    /// The latest this process knows of (or the API's, read again).
+    Current(Box<AppConnection>),
+    /// A version this process wrote before its latest write: the latest's event follows.
+    Superseded,
+    /// The object is gone.
+    Gone,
+}
+
+/// At most this many superseded versions are remembered per object (a reconcile writes two).
+const SUPERSEDED: usize = 4;
+
 impl Context {
     /// Remembers `conn` as the latest known version of its object.
     pub fn saw(&self, conn: &AppConnection) {
         if let (Some(uid), Some(rv)) = (conn.uid(), conn.resource_version()) {
-            self.known.lock().expect("known lock").insert(uid, rv);
+            let mut tracked = self.tracked.lock().expect("tracked lock");
+            let entry = tracked.entry(uid).or_default();
+            if let Some(previous) = entry.latest.replace(rv) {
+                if entry.superseded.len() == SUPERSEDED {
+                    entry.superseded.remove(0);
+                }
+                entry.superseded.push(previous);
+            }
         }
     }
 
@@ -58,25 +105,84 @@ impl Context {
         &self,
         cached: &AppConnection,
     ) -> Result<Option<AppConnection>, EnvError> {
+        match self.current(cached, false).await? {
+            Copy::Current(conn) => Ok(Some(*conn)),
+            Copy::Superseded | Copy::Gone => Ok(None),
+        }
+    }
+
+    /// How far `cached` can be trusted; with `skip_superseded`, a superseded copy is not read
+    /// again (its newer version's event is on its way).
+    async fn current(
+        &self,
+        cached: &AppConnection,
+        skip_superseded: bool,
+    ) -> Result<Copy, EnvError> {
         let uid = cached.uid().unwrap_or_default();
-        let known = self.known.lock().expect("known lock").get(&uid).cloned();
+        let rv = cached.resource_version();
+        let (latest, superseded) = {
+            let tracked = self.tracked.lock().expect("tracked lock");
+            let entry = tracked.get(&uid);
+            (
+                entry.and_then(|e| e.latest.clone()),
+                entry.is_some_and(|e| rv.as_ref().is_some_and(|rv| e.superseded.contains(rv))),
+            )
+        };
         let gone = self.gone.lock().expect("gone lock").contains_key(&uid);
-        if !gone && (known.is_none() || known == cached.resource_version()) {
-            return Ok(Some(cached.clone()));
+        if !gone && (latest.is_none() || latest == rv) {
+            return Ok(Copy::Current(Box::new(cached.clone())));
+        }
+        if !gone && skip_superseded && superseded {
+            return Ok(Copy::Superseded);
         }
         let api: kube::Api<AppConnection> =
             kube::Api::namespaced(self.client.clone(), &cached.namespace().unwrap_or_default());
         let latest = api.get_opt(&cached.name_any()).await.map_err(|e| {
             EnvError::new(format!("reading {}", cached.name_any()), describe(&e), e)
         })?;
-        match &latest {
-            Some(latest) => self.saw(latest),
-            None => {
-                self.known.lock().expect("known lock").remove(&uid);
+        Ok(match latest {
+            Some(latest) => {
+                self.saw(&latest);
+                Copy::Current(Box::new(latest))
             }
-        }
-        Ok(latest)
+            None => {
+                if let Some(entry) = self.tracked.lock().expect("tracked lock").get_mut(&uid) {
+                    entry.latest = None;
+                }
+                Copy::Gone
+            }
+        })
     }
+
+    /// Whether nothing the last Ready reconcile of `conn` read has moved since: the same
+    /// generation and status, the same versions of its Secrets and its backend resource.
+    fn settled(&self, conn: &AppConnection, uid: &str) -> bool {
+        if conn.metadata.deletion_timestamp.is_some() {
+            return false;
+        }
+        let namespace = conn.namespace().unwrap_or_default();
+        let tracked = self.tracked.lock().expect("tracked lock");
+        let Some(settled) = tracked.get(uid).and_then(|t| t.settled.as_ref()) else {
+            return false;
+        };
+        settled.generation == conn.metadata.generation
+            && settled.status == status_hash(conn.status.as_ref())
+            && settled.backend == self.registry.backend_version(conn)
+            && settled
+                .secrets
+                .iter()
+                .all(|(name, version)| self.secrets.get(&namespace, name) == *version)
+    }
+}
+
+/// A hash of a status as JSON: equal content, equal hash.
+fn status_hash(status: Option<&AppConnectionStatus>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&status)
+        .expect("a status serializes")
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// A reconcile that could not finish: retried with backoff.
@@ -101,21 +207,47 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     };
     let started = Instant::now();
-    let Some(latest) = ctx.latest(conn).await? else {
-        return Ok(Action::await_change());
+    let conn = match ctx.current(conn, true).await? {
+        Copy::Current(conn) => conn,
+        // The event of the newer version this process wrote brings the next reconcile.
+        Copy::Superseded | Copy::Gone => return Ok(Action::await_change()),
     };
-    let conn = &latest;
+    let conn = &conn;
     let uid = conn.uid().unwrap_or_default();
     ctx.index.update(conn);
     let refresh = refresh_interval(conn, ctx.default_refresh);
-    let verify = refresh.is_some_and(|every| {
-        ctx.verified
-            .lock()
-            .expect("verified lock")
-            .get(&uid)
-            .is_none_or(|at| at.elapsed() >= every)
-    });
-    let env = KubeEnv { ctx: ctx.clone() };
+    let now = Instant::now();
+    let due = |verified: Option<Instant>| {
+        refresh.and_then(|every| verified.map(|at| (at + every).saturating_duration_since(now)))
+    };
+    let verified = {
+        let mut tracked = ctx.tracked.lock().expect("tracked lock");
+        let entry = tracked.entry(uid.clone()).or_default();
+        if entry.verified.is_none()
+            && let Some(every) = refresh
+            && ready_now(conn)
+        {
+            // Seen Ready for the first time by this process (a restart): its drift check comes
+            // at a random point of the interval, so a restart does not read every backend
+            // object at once.
+            entry.verified = Some(now - every.mul_f64(rand::random_range(0.0..1.0)));
+        }
+        entry.verified
+    };
+    let verify = refresh.is_some() && due(verified).is_none_or(|left| left.is_zero());
+    if !verify && !plan::rotation_due(conn, Timestamp::now()) && ctx.settled(conn, &uid) {
+        // Nothing it read moved: no API or backend call. Back when the drift check or the
+        // rotation is due.
+        let wake = [due(verified), next_rotation_in(conn.status.as_ref())]
+            .into_iter()
+            .flatten()
+            .min();
+        return Ok(match wake {
+            Some(left) => Action::requeue(left.max(Duration::from_millis(10))),
+            None => Action::await_change(),
+        });
+    }
+    let env = KubeEnv::new(ctx.clone());
     let opts = Options {
         verify,
         dry_run: false,
@@ -130,11 +262,23 @@ pub async fn reconcile(
             return Err(e.into());
         }
     };
-    if outcome.action.touched_backend() {
-        ctx.verified
-            .lock()
-            .expect("verified lock")
-            .insert(uid.clone(), Instant::now());
+    {
+        let mut tracked = ctx.tracked.lock().expect("tracked lock");
+        let entry = tracked.entry(uid.clone()).or_default();
+        if outcome.action.touched_backend() {
+            entry.verified = Some(Instant::now());
+        }
+        // A reconcile that ended Ready (so it resolved the credentials): its inputs, to skip
+        // the next one while none of them moves.
+        entry.settled = match &outcome.status {
+            Some(status) if outcome.ready => Some(Settled {
+                generation: conn.metadata.generation,
+                status: status_hash(Some(status)),
+                secrets: env.secrets_read(),
+                backend: ctx.registry.backend_version(conn),
+            }),
+            _ => None,
+        };
     }
     // Condition messages name objects and fields, never values: safe to log.
     if outcome.action != Verb::Noop {
@@ -161,7 +305,7 @@ pub async fn reconcile(
     Ok(match outcome.requeue {
         Requeue::After(every) => {
             ctx.backoff.reset(&key);
-            let rotation = next_rotation_in(conn, &outcome);
+            let rotation = next_rotation_in(outcome.status.as_ref().or(conn.status.as_ref()));
             match (every.map(jitter), rotation) {
                 (Some(a), Some(b)) => Action::requeue(a.min(b)),
                 (Some(a), None) | (None, Some(a)) => Action::requeue(a),
@@ -211,9 +355,8 @@ where
 }
 
 /// Time until the recorded next rotation, so an overdue rotation is noticed when it is due.
-fn next_rotation_in(conn: &AppConnection, outcome: &crate::reconcile::Outcome) -> Option<Duration> {
-    let status = outcome.status.as_ref().or(conn.status.as_ref())?;
-    let at = status.rotation.as_ref()?.next_rotation_at.as_ref()?.0;
+fn next_rotation_in(status: Option<&AppConnectionStatus>) -> Option<Duration> {
+    let at = status?.rotation.as_ref()?.next_rotation_at.as_ref()?.0;
     let until = at.duration_since(Timestamp::now());
     Some(
         Duration::try_from(until)
@@ -231,9 +374,18 @@ pub fn error_policy(
     Action::requeue(ctx.backoff.next(&obj.uid().unwrap_or_default(), None))
 }
 
+/// Ready for its current generation, as the status says.
+fn ready_now(conn: &AppConnection) -> bool {
+    status::ready_condition(conn.status.as_ref())
+        .is_some_and(|c| c.status == "True" && c.observed_generation == conn.metadata.generation)
+}
+
 fn count_readiness(ctx: &Context, uid: &str, ready: bool, reason: Reason) {
-    let mut seen = ctx.readiness.lock().expect("readiness lock");
-    let previous = seen.insert(uid.to_string(), (ready, reason));
+    let previous = {
+        let mut tracked = ctx.tracked.lock().expect("tracked lock");
+        let entry = tracked.entry(uid.to_string()).or_default();
+        entry.counted.replace((ready, reason))
+    };
     if previous == Some((ready, reason)) {
         return;
     }
@@ -252,8 +404,7 @@ fn count_readiness(ctx: &Context, uid: &str, ready: bool, reason: Reason) {
 fn forget(ctx: &Context, conn: &AppConnection, uid: &str) {
     ctx.index
         .remove(&conn.namespace().unwrap_or_default(), &conn.name_any());
-    ctx.verified.lock().expect("verified lock").remove(uid);
-    ctx.known.lock().expect("known lock").remove(uid);
+    let tracked = ctx.tracked.lock().expect("tracked lock").remove(uid);
     let mut gone = ctx.gone.lock().expect("gone lock");
     // A cached copy lingers for moments only: old entries are dropped as new ones come.
     if gone.len() >= 1024 {
@@ -262,7 +413,7 @@ fn forget(ctx: &Context, conn: &AppConnection, uid: &str) {
     gone.insert(uid.to_string(), Instant::now());
     drop(gone);
     ctx.backoff.reset(uid);
-    if let Some((ready, reason)) = ctx.readiness.lock().expect("readiness lock").remove(uid) {
+    if let Some((ready, reason)) = tracked.and_then(|t| t.counted) {
         ctx.metrics
             .connections
             .get_or_create(&labels(ready, reason))

@@ -1,6 +1,6 @@
 //! The controller's environment: the Kubernetes API.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Secret;
@@ -18,9 +18,23 @@ use crate::reconcile::{BackendInfo, BackendLookupError, EnvError, Environment, E
 
 pub struct KubeEnv {
     pub ctx: Arc<Context>,
+    /// The Secrets this reconcile read, at the versions read (None: missing).
+    read: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl KubeEnv {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            read: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The Secrets the reconcile read and their versions.
+    pub fn secrets_read(&self) -> Vec<(String, Option<String>)> {
+        std::mem::take(&mut *self.read.lock().expect("read lock"))
+    }
+
     /// A JSON patch of the resource; the result is remembered as the latest known version.
     async fn patch_json(
         &self,
@@ -72,7 +86,14 @@ fn env_error(what: &str, conn: &AppConnection, e: kube::Error) -> EnvError {
 impl Environment for KubeEnv {
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, EnvError> {
         match read_secret_version(&self.ctx.client, namespace, name).await {
-            Ok(found) => Ok(found.map(|(data, _)| data)),
+            Ok(found) => {
+                let version = found.as_ref().and_then(|(_, v)| v.clone());
+                self.read
+                    .lock()
+                    .expect("read lock")
+                    .push((name.to_string(), version));
+                Ok(found.map(|(data, _)| data))
+            }
             Err(e) => Err(EnvError::new(
                 format!("reading Secret {namespace}/{name}"),
                 describe(&e),

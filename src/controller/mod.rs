@@ -9,6 +9,7 @@ mod kube_env;
 pub mod leader;
 pub mod operator;
 mod run;
+mod secrets;
 
 pub use crate::crd::parse_duration;
 pub use connections::Context;

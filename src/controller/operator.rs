@@ -138,7 +138,8 @@ pub async fn run(
         shutdown.clone(),
     ));
     let engine: Arc<dyn StoreEngine> = store.clone();
-    let builtin = Arc::new(BuiltinBackend::new(engine.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let builtin = Arc::new(BuiltinBackend::new(engine.clone()).with_metrics(metrics.clone()));
     let api_state = StoreApiState {
         store: engine,
         client: client.clone(),
@@ -164,7 +165,6 @@ pub async fn run(
             shutdown.clone(),
         )),
     };
-    let metrics = Arc::new(Metrics::default());
     let readiness = Readiness::default();
     let admin = tokio::spawn(crate::http::serve(
         opts.admin,

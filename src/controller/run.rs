@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::backends::{Clients, Registry};
 use super::connections::{self, Context};
 use super::index::RefIndex;
+use super::secrets::SecretVersions;
 use crate::backend::{Backend, Factory};
 use crate::crd::{AppConnection, BackendKind, ClusterConnectionBackend, ConnectionBackend};
 use crate::keys::HashKey;
@@ -140,9 +141,8 @@ pub async fn run_controllers(
         index: RefIndex::default(),
         backoff: Default::default(),
         default_refresh: config.default_refresh,
-        verified: Mutex::new(HashMap::new()),
-        readiness: Mutex::new(HashMap::new()),
-        known: Mutex::new(HashMap::new()),
+        secrets: SecretVersions::default(),
+        tracked: Mutex::new(HashMap::new()),
         gone: Mutex::new(HashMap::new()),
     });
 
@@ -157,6 +157,7 @@ pub async fn run_controllers(
         let conns: Api<Conn> = scoped(&client, scope.as_deref());
         cache_tasks.push(
             secret_watch(
+                scope.clone(),
                 scoped(&client, scope.as_deref()),
                 ctx.clone(),
                 tx,
@@ -264,6 +265,7 @@ pub async fn run_controllers(
 /// version of it, then triggers the connections that read it and, through `backends`, the
 /// checks of the backends that do.
 fn secret_watch(
+    scope: Option<String>,
     api: Api<PartialObjectMeta<Secret>>,
     ctx: Arc<Context>,
     connections: mpsc::UnboundedSender<ObjectRef<Conn>>,
@@ -272,11 +274,20 @@ fn secret_watch(
 ) -> impl Future<Output = ()> + Send {
     watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .touched_objects()
         .take_until(shutdown)
-        .for_each(move |secret| {
+        .for_each(move |event| {
+            let secret = event.map(|event| {
+                ctx.secrets.apply(scope.as_deref(), &event);
+                match event {
+                    watcher::Event::Apply(secret)
+                    | watcher::Event::InitApply(secret)
+                    | watcher::Event::Delete(secret) => Some(secret),
+                    watcher::Event::Init | watcher::Event::InitDone => None,
+                }
+            });
             match secret {
-                Ok(secret) => {
+                Ok(None) => {}
+                Ok(Some(secret)) => {
                     let namespace = secret.namespace().unwrap_or_default();
                     let name = secret.name_any();
                     // A client read at this version already (the event came late) is kept.
