@@ -22,7 +22,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use serde_json::{Value, json};
 
-const N: usize = 40;
+const N: usize = 120;
 const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "tok-replica-reader-77";
 const USER: &str = "system:serviceaccount:apps:reader";

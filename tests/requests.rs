@@ -172,6 +172,18 @@ async fn new_connections_cost_two_writes_and_one_read_per_secret_and_restarts_wr
         at_first_pass < CONNECTIONS as u64 / 2,
         "{at_first_pass} of {CONNECTIONS} drift reads made at once after the restart"
     );
+    // Spread, not postponed: half an interval on, about half of them have been made (were
+    // each first check a whole interval after the first pass, there would be none yet; fewer
+    // than two of twenty when each is due at a random point is a 1 in 50,000 chance).
+    tokio::time::sleep(refresh / 2).await;
+    let at_half = metric(
+        &operator.metrics().await,
+        "appconn_backend_requests_total{backend=\"builtin\",operation=\"get\"",
+    );
+    assert!(
+        at_half >= 2,
+        "{at_half} of {CONNECTIONS} drift reads half an interval after the restart"
+    );
     eventually(refresh * 3, "every connection's drift read", || async {
         let text = operator.metrics().await;
         metric(

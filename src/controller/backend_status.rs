@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Action};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -33,6 +33,7 @@ use tracing::{info, instrument, warn};
 
 use super::backends::Clients;
 use super::backoff::{Backoff, jitter};
+use super::events::Recorder;
 use crate::backend;
 use crate::crd::{
     BackendKind, BackendProvider, BackendSecretKeySelector, ClusterConnectionBackend,

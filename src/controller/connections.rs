@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder};
+use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::backends::Registry;
 use super::backoff::{Backoff, jitter};
+use super::events::Recorder;
 use super::index::RefIndex;
 use super::kube_env::KubeEnv;
 use super::secrets::SecretVersions;
@@ -88,14 +89,27 @@ const SUPERSEDED: usize = 4;
 impl Context {
     /// Remembers `conn` as the latest known version of its object.
     pub fn saw(&self, conn: &AppConnection) {
-        if let (Some(uid), Some(rv)) = (conn.uid(), conn.resource_version()) {
-            let mut tracked = self.tracked.lock().expect("tracked lock");
-            let entry = tracked.entry(uid).or_default();
-            if let Some(previous) = entry.latest.replace(rv) {
+        self.wrote(None, conn);
+    }
+
+    /// Remembers `written`, which this process wrote over `base`, as the latest known version
+    /// of its object: `base` and the version known before are superseded by it.
+    pub fn wrote(&self, base: Option<&AppConnection>, written: &AppConnection) {
+        let Some((uid, rv)) = written.uid().zip(written.resource_version()) else {
+            return;
+        };
+        let mut tracked = self.tracked.lock().expect("tracked lock");
+        let entry = tracked.entry(uid).or_default();
+        let previous = entry.latest.replace(rv.clone());
+        for old in [previous, base.and_then(|b| b.resource_version())]
+            .into_iter()
+            .flatten()
+        {
+            if old != rv && !entry.superseded.contains(&old) {
                 if entry.superseded.len() == SUPERSEDED {
                     entry.superseded.remove(0);
                 }
-                entry.superseded.push(previous);
+                entry.superseded.push(old);
             }
         }
     }
@@ -121,12 +135,21 @@ impl Context {
         let uid = cached.uid().unwrap_or_default();
         let rv = cached.resource_version();
         let (latest, superseded) = {
-            let tracked = self.tracked.lock().expect("tracked lock");
-            let entry = tracked.get(&uid);
-            (
-                entry.and_then(|e| e.latest.clone()),
-                entry.is_some_and(|e| rv.as_ref().is_some_and(|rv| e.superseded.contains(rv))),
-            )
+            let mut tracked = self.tracked.lock().expect("tracked lock");
+            let entry = tracked.get_mut(&uid);
+            match entry {
+                // The cache has caught up with the latest write: it never goes back to an
+                // older version, so the superseded ones need not be remembered any more.
+                Some(e) if e.latest.is_some() && e.latest == rv => {
+                    e.superseded = Vec::new();
+                    (e.latest.clone(), false)
+                }
+                Some(e) => (
+                    e.latest.clone(),
+                    rv.as_ref().is_some_and(|rv| e.superseded.contains(rv)),
+                ),
+                None => (None, false),
+            }
         };
         let gone = self.gone.lock().expect("gone lock").contains_key(&uid);
         if !gone && (latest.is_none() || latest == rv) {
@@ -262,7 +285,7 @@ pub async fn reconcile(
             return Err(e.into());
         }
     };
-    {
+    let checked_at = {
         let mut tracked = ctx.tracked.lock().expect("tracked lock");
         let entry = tracked.entry(uid.clone()).or_default();
         if outcome.action.touched_backend() {
@@ -279,7 +302,8 @@ pub async fn reconcile(
             }),
             _ => None,
         };
-    }
+        entry.verified
+    };
     // Condition messages name objects and fields, never values: safe to log.
     if outcome.action != Verb::Noop {
         info!(action = outcome.action.as_str(), reason = %outcome.reason, detail = %outcome.message, "reconciled");
@@ -306,7 +330,15 @@ pub async fn reconcile(
         Requeue::After(every) => {
             ctx.backoff.reset(&key);
             let rotation = next_rotation_in(outcome.status.as_ref().or(conn.status.as_ref()));
-            match (every.map(jitter), rotation) {
+            // A pass that did not reach the backend keeps the check already due (after a
+            // restart, a random point of the interval); one that did starts a new interval.
+            let check = every.map(|every| match checked_at {
+                Some(at) if !outcome.action.touched_backend() => (at + every)
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10)),
+                _ => jitter(every),
+            });
+            match (check, rotation) {
                 (Some(a), Some(b)) => Action::requeue(a.min(b)),
                 (Some(a), None) | (None, Some(a)) => Action::requeue(a),
                 (None, None) => Action::await_change(),

@@ -13,14 +13,17 @@ pub type Key = (String, String);
 /// What a connection refers to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Refs {
-    secrets: HashSet<Key>,
+    /// Sorted, each once.
+    secrets: Vec<Key>,
     backend: Option<(BackendKind, Key)>,
 }
 
 #[derive(Default)]
 struct Inner {
     by_connection: HashMap<Key, Refs>,
-    by_secret: HashMap<Key, HashSet<Key>>,
+    /// A Secret's readers are few as a rule (most often one): a vector, each connection once
+    /// (a connection is unlinked before it is linked again).
+    by_secret: HashMap<Key, Vec<Key>>,
     by_backend: HashMap<(BackendKind, Key), HashSet<Key>>,
 }
 
@@ -61,7 +64,7 @@ impl RefIndex {
                 .by_secret
                 .entry(secret.clone())
                 .or_default()
-                .insert(key.clone());
+                .push(key.clone());
         }
         if let Some(backend) = &refs.backend {
             inner
@@ -87,7 +90,7 @@ impl RefIndex {
         inner
             .by_secret
             .get(&(namespace.to_string(), name.to_string()))
-            .map(|set| set.iter().cloned().collect())
+            .cloned()
             .unwrap_or_default()
     }
 
@@ -109,7 +112,7 @@ impl Inner {
         };
         for secret in &old.secrets {
             if let Some(set) = self.by_secret.get_mut(secret) {
-                set.remove(key);
+                set.retain(|k| k != key);
                 if set.is_empty() {
                     self.by_secret.remove(secret);
                 }

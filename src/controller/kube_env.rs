@@ -49,7 +49,7 @@ impl KubeEnv {
                 &Patch::Json::<()>(patch),
             )
             .await?;
-        self.ctx.saw(&patched);
+        self.ctx.wrote(Some(conn), &patched);
         Ok(())
     }
 }
@@ -88,6 +88,9 @@ impl Environment for KubeEnv {
         match read_secret_version(&self.ctx.client, namespace, name).await {
             Ok(found) => {
                 let version = found.as_ref().and_then(|(_, v)| v.clone());
+                if let Some(version) = &version {
+                    self.ctx.secrets.read(namespace, name, version);
+                }
                 self.read
                     .lock()
                     .expect("read lock")
@@ -199,7 +202,7 @@ impl Environment for KubeEnv {
             .patch_status(&conn.name_any(), &params, &Patch::Apply(body))
             .await
             .map_err(|e| env_error("writing the status of", conn, e))?;
-        self.ctx.saw(&written);
+        self.ctx.wrote(Some(conn), &written);
         Ok(())
     }
 

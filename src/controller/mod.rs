@@ -4,6 +4,7 @@ mod backend_status;
 mod backends;
 mod backoff;
 mod connections;
+mod events;
 mod index;
 mod kube_env;
 pub mod leader;

@@ -15,13 +15,22 @@ use kube::runtime::watcher::Event;
 #[derive(Default)]
 pub struct SecretVersions {
     scopes: RwLock<HashMap<Option<String>, Scope>>,
+    /// Versions read from the API before the scope's first list came to them: a connection
+    /// reconciled early is not taken for changed (and its Secrets read again) only because the
+    /// list is slower. Dropped when the scope's first list is done, which then knows better (a
+    /// Secret read and then deleted before the list is not kept).
+    provisional: RwLock<HashMap<(String, String), String>>,
 }
 
 #[derive(Default)]
 struct Scope {
     current: HashMap<(String, String), String>,
-    /// Filled during a (re-)list, swapped in when it is done: Secrets deleted meanwhile go.
+    /// Filled during a re-list, swapped in when it is done: Secrets deleted meanwhile go.
     listing: Option<HashMap<(String, String), String>>,
+    /// The first list is done. Until then listed Secrets go straight into `current` (there is
+    /// nothing to forget yet), so a connection reconciled during a long first list is compared
+    /// against every Secret listed so far.
+    listed: bool,
 }
 
 impl SecretVersions {
@@ -29,15 +38,45 @@ impl SecretVersions {
     pub fn get(&self, namespace: &str, name: &str) -> Option<String> {
         let key = (namespace.to_string(), name.to_string());
         let scopes = self.scopes.read().expect("secret versions lock");
-        [Some(namespace.to_string()), None]
+        let listed = [Some(namespace.to_string()), None]
             .iter()
             .filter_map(|scope| scopes.get(scope)?.current.get(&key))
             .next()
-            .cloned()
+            .cloned();
+        listed.or_else(|| {
+            self.provisional
+                .read()
+                .expect("secret versions lock")
+                .get(&key)
+                .cloned()
+        })
+    }
+
+    /// A version read from the API: kept until the first list of the Secret's scope is done,
+    /// if that list has not come to the Secret yet.
+    pub fn read(&self, namespace: &str, name: &str, version: &str) {
+        let scopes = self.scopes.read().expect("secret versions lock");
+        let known = [Some(namespace.to_string()), None].iter().any(|scope| {
+            scopes.get(scope).is_some_and(|s| {
+                s.listed
+                    || s.current
+                        .contains_key(&(namespace.to_string(), name.to_string()))
+            })
+        });
+        if !known {
+            self.provisional
+                .write()
+                .expect("secret versions lock")
+                .insert(
+                    (namespace.to_string(), name.to_string()),
+                    version.to_string(),
+                );
+        }
     }
 
     /// Follows one event of the watch of `scope` (a namespace, or None for all).
     pub fn apply(&self, scope: Option<&str>, event: &Event<PartialObjectMeta<Secret>>) {
+        let scope_name = scope;
         let mut scopes = self.scopes.write().expect("secret versions lock");
         let scope = scopes.entry(scope.map(str::to_string)).or_default();
         match event {
@@ -51,17 +90,26 @@ impl SecretVersions {
                     .current
                     .remove(&(secret.namespace().unwrap_or_default(), secret.name_any()));
             }
-            Event::Init => scope.listing = Some(HashMap::new()),
+            Event::Init if scope.listed => scope.listing = Some(HashMap::new()),
+            Event::Init => {}
             Event::InitApply(secret) => {
-                if let (Some(listing), Some((key, version))) =
-                    (scope.listing.as_mut(), entry(secret))
-                {
-                    listing.insert(key, version);
+                if let Some((key, version)) = entry(secret) {
+                    match scope.listing.as_mut() {
+                        Some(listing) => listing.insert(key, version),
+                        None => scope.current.insert(key, version),
+                    };
                 }
             }
             Event::InitDone => {
                 if let Some(listed) = scope.listing.take() {
                     scope.current = listed;
+                }
+                if !scope.listed {
+                    scope.listed = true;
+                    let covers = |ns: &str| scope_name.is_none_or(|s| s == ns);
+                    let mut provisional = self.provisional.write().expect("secret versions lock");
+                    provisional.retain(|(ns, _), _| !covers(ns));
+                    provisional.shrink_to_fit();
                 }
             }
         }
@@ -100,8 +148,12 @@ mod tests {
         let all = None;
         versions.apply(all, &Event::Init);
         versions.apply(all, &Event::InitApply(secret("a", "s1", "1")));
+        assert_eq!(
+            versions.get("a", "s1").as_deref(),
+            Some("1"),
+            "the first list is seen as it comes"
+        );
         versions.apply(all, &Event::InitApply(secret("a", "s2", "2")));
-        assert_eq!(versions.get("a", "s1"), None, "not before the list is done");
         versions.apply(all, &Event::InitDone);
         assert_eq!(versions.get("a", "s1").as_deref(), Some("1"));
         versions.apply(all, &Event::Apply(secret("a", "s1", "5")));
@@ -112,6 +164,12 @@ mod tests {
         versions.apply(all, &Event::Apply(secret("b", "other", "3")));
         versions.apply(all, &Event::Init);
         versions.apply(all, &Event::InitApply(secret("a", "s3", "7")));
+        assert_eq!(
+            versions.get("a", "s3"),
+            None,
+            "a re-list is swapped in when it is done"
+        );
+        assert_eq!(versions.get("a", "s1").as_deref(), Some("5"));
         versions.apply(all, &Event::InitDone);
         assert_eq!(versions.get("a", "s1"), None);
         assert_eq!(versions.get("b", "other"), None);
@@ -119,5 +177,27 @@ mod tests {
         // A namespace's own scope.
         versions.apply(Some("c"), &Event::Apply(secret("c", "s", "9")));
         assert_eq!(versions.get("c", "s").as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn versions_read_before_the_first_list_count_until_it_is_done() {
+        let versions = SecretVersions::default();
+        let scope = Some("a");
+        versions.apply(scope, &Event::Init);
+        versions.apply(scope, &Event::InitApply(secret("a", "listed", "1")));
+        // Read from the API while the list is under way.
+        versions.read("a", "early", "4");
+        versions.read("a", "gone", "5");
+        versions.read("a", "listed", "1");
+        assert_eq!(versions.get("a", "early").as_deref(), Some("4"));
+        assert_eq!(versions.get("a", "gone").as_deref(), Some("5"));
+        // The list comes to one of them; the other was deleted before the list.
+        versions.apply(scope, &Event::InitApply(secret("a", "early", "4")));
+        versions.apply(scope, &Event::InitDone);
+        assert_eq!(versions.get("a", "early").as_deref(), Some("4"));
+        assert_eq!(versions.get("a", "gone"), None, "the list knows better");
+        // After the first list, reads are never taken for what the watch saw.
+        versions.read("a", "later", "9");
+        assert_eq!(versions.get("a", "later"), None);
     }
 }

@@ -1,12 +1,10 @@
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::SecretKeySelector;
+use super::{FieldMap, SecretKeySelector};
 
 /// A connection to declare in a connection backend (Infisical App Connections, Credible Data,
 /// Matillion) or in appconn's built-in store, with credentials taken from Kubernetes Secrets.
@@ -80,9 +78,9 @@ pub struct AppConnectionSpec {
     /// Credential fields, each from exactly one source: an inline `value` (which keeps its JSON
     /// type) or a `secretKeyRef` in this namespace. For Matillion, the connection properties:
     /// pointers into your vault such as `secretName` and `secretKey`, never secret values.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "FieldMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
-    pub credentials: BTreeMap<String, CredentialSource>,
+    pub credentials: FieldMap<CredentialSource>,
 
     /// Secrets whose every key becomes a string credential field, optionally prefixed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -93,7 +91,7 @@ pub struct AppConnectionSpec {
     /// Matillion's `authProvider` and `secretsLocation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
-    pub settings: Option<BTreeMap<String, Value>>,
+    pub settings: Option<FieldMap<Value>>,
 
     /// Credential rotation schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,6 +2,7 @@
 
 mod backend;
 mod connection;
+mod field_map;
 mod provider;
 mod reason;
 mod schedule;
@@ -10,6 +11,7 @@ pub mod validate;
 
 pub use backend::*;
 pub use connection::*;
+pub use field_map::FieldMap;
 pub use provider::{Provider, ProviderType};
 pub use reason::Reason;
 pub use schedule::{RotationSchedule, parse_duration};

@@ -127,7 +127,13 @@ pub fn desired(
 ) -> Result<Desired, PlanError> {
     let target = target(conn, backend);
     let rotation = rotation_schedule(conn)?;
-    let settings = conn.spec.settings.clone().unwrap_or_default();
+    let settings: BTreeMap<String, Value> = conn
+        .spec
+        .settings
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if let Some(field) = settings
         .keys()
         .find(|k| credentials.expose().contains_key(*k))
