@@ -90,7 +90,10 @@ impl SecretVersions {
                     .current
                     .remove(&(secret.namespace().unwrap_or_default(), secret.name_any()));
             }
-            Event::Init if scope.listed => scope.listing = Some(HashMap::new()),
+            // A first list that starts over after a failure is a re-list of what it saw.
+            Event::Init if scope.listed || !scope.current.is_empty() => {
+                scope.listing = Some(HashMap::new());
+            }
             Event::Init => {}
             Event::InitApply(secret) => {
                 if let Some((key, version)) = entry(secret) {
@@ -199,5 +202,18 @@ mod tests {
         // After the first list, reads are never taken for what the watch saw.
         versions.read("a", "later", "9");
         assert_eq!(versions.get("a", "later"), None);
+    }
+
+    #[test]
+    fn a_first_list_that_starts_over_forgets_what_went_meanwhile() {
+        let versions = SecretVersions::default();
+        versions.apply(None, &Event::Init);
+        versions.apply(None, &Event::InitApply(secret("a", "deleted", "1")));
+        // The list failed half-way and starts again; the Secret was deleted in between.
+        versions.apply(None, &Event::Init);
+        versions.apply(None, &Event::InitApply(secret("a", "kept", "2")));
+        versions.apply(None, &Event::InitDone);
+        assert_eq!(versions.get("a", "deleted"), None);
+        assert_eq!(versions.get("a", "kept").as_deref(), Some("2"));
     }
 }
