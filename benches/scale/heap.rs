@@ -8,51 +8,73 @@ use serde_json::Value;
 
 use crate::report::MIB;
 
-/// Structures by the path prefixes of the functions that allocate them.
-const GROUPS: [(&str, &[&str]); 10] = [
+/// Structures by the source files that allocate them (dhat's frames name a function and its
+/// file, not its crate): a stack belongs to the group of its innermost frame that matches.
+const GROUPS: [(&str, &[&str]); 11] = [
     (
-        "Secret versions (name -> resourceVersion)",
-        &["appconn::controller::secrets"],
-    ),
-    (
-        "per-connection memory (tracked, settled inputs)",
-        &["appconn::controller::connections"],
-    ),
-    (
-        "reference index (Secret/backend -> connections)",
-        &["appconn::controller::index"],
-    ),
-    (
-        "backend registry and clients",
-        &["appconn::controller::backends", "appconn::backend"],
-    ),
-    (
-        "AppConnection cache (decoded watch objects)",
-        &[
-            "kube_runtime::watcher",
-            "kube_runtime::reflector",
-            "kube_client::client::Client::request_events",
-            "kube_client::api",
-        ],
+        "AppConnection cache (objects in the reflector store)",
+        &["reflector/store.rs", "reflector/object_ref.rs"],
     ),
     (
         "controller queue and scheduler",
         &[
-            "kube_runtime::controller",
-            "kube_runtime::scheduler",
-            "kube_runtime::utils",
+            "src/scheduler.rs",
+            "controller/runner.rs",
+            "future_hash_map.rs",
         ],
     ),
     (
-        "SQLite store (connection pool, page cache)",
-        &["sqlx", "sqlite3", "appconn::store"],
+        "reference index (Secret/backend -> connections)",
+        &["controller/index.rs"],
     ),
     (
-        "HTTP and TLS (clients, admin and store API servers)",
-        &["hyper", "h2::", "rustls", "reqwest", "tower", "axum"],
+        "per-connection state (versions written, inputs of the last Ready pass)",
+        &["controller/connections.rs", "controller/kube_env.rs"],
     ),
-    ("metrics, logging", &["prometheus_client", "tracing"]),
-    ("tokio runtime", &["tokio::"]),
+    (
+        "Secret versions (name -> resourceVersion)",
+        &["controller/secrets.rs"],
+    ),
+    ("Event recorder", &["controller/events.rs"]),
+    (
+        "backend registry and clients",
+        &[
+            "controller/backends.rs",
+            "controller/backend_status.rs",
+            "src/backend/",
+        ],
+    ),
+    ("store (SQLite through sqlx)", &["sqlx", "src/store/"]),
+    (
+        "HTTP and TLS (clients, admin and store API servers)",
+        &["hyper", "proto/h1", "rustls", "reqwest", "axum", "tower"],
+    ),
+    ("tokio runtime", &["tokio-", "runtime/task", "sync/mpsc"]),
+    ("metrics, logging", &["prometheus", "tracing"]),
+];
+
+/// Source files of the allocator, the standard library and the collections: never the site.
+const LIBRARY: [&str; 20] = [
+    "alloc/",
+    "core/",
+    "std/",
+    "hashbrown",
+    "src/raw",
+    "src/vec/",
+    "src/boxed",
+    "src/sync.rs",
+    "src/string.rs",
+    "src/slice.rs",
+    "src/str.rs",
+    "collections/",
+    "stable/",
+    "dhat-",
+    "benches/scale/main.rs",
+    "ops/function.rs",
+    "iter/traits",
+    "src/alloc.rs",
+    "fmt/",
+    "bytes_mut.rs",
 ];
 
 /// Prints the live bytes at the end of the profile in `path`, by structure, and the largest
@@ -84,43 +106,33 @@ pub fn breakdown(path: &Path) -> Vec<String> {
             .flatten()
             .filter_map(|i| frames.get(i.as_u64()? as usize).copied())
             .collect();
-        // The innermost frame that belongs to a known structure decides; generic arguments
-        // (a controller's reconcile function in a watcher's type) do not count.
         let group = stack
             .iter()
-            .map(|f| function(f).trim_start_matches('<'))
-            .find_map(|f| {
+            .map(|f| file(f))
+            .find_map(|file| {
                 GROUPS
                     .iter()
-                    .find(|(_, marks)| marks.iter().any(|m| f.starts_with(m)))
+                    .find(|(_, marks)| marks.iter().any(|m| file.contains(m)))
             })
             .map_or("other", |(name, _)| name);
         let entry = groups.entry(group).or_default();
         entry.0 += bytes;
         entry.1 += blocks;
-        // The allocation site: the innermost frame outside the allocator and the standard
-        // library.
+        // The allocation site: the innermost frame outside the allocator, the standard
+        // library and the collections.
         let site = stack
             .iter()
-            .map(|f| function(f))
             .find(|f| {
-                ![
-                    "alloc::",
-                    "core::",
-                    "std::",
-                    "dhat::",
-                    "hashbrown::",
-                    "<alloc",
-                    "<core",
-                    "<std",
-                    "__rust",
-                    "<hashbrown",
-                ]
-                .iter()
-                .any(|p| f.starts_with(p))
+                let file = file(f);
+                !file.is_empty() && !LIBRARY.iter().any(|m| file.contains(m))
             })
-            .unwrap_or("?")
-            .to_string();
+            .map_or("?".to_string(), |f| {
+                format!(
+                    "{} ({})",
+                    function(f).split('<').next().unwrap_or(""),
+                    file(f)
+                )
+            });
         *sites.entry(site).or_default() += bytes;
     }
     let mut lines = vec![format!(
@@ -139,10 +151,17 @@ pub fn breakdown(path: &Path) -> Vec<String> {
     let mut sites: Vec<_> = sites.into_iter().collect();
     sites.sort_by_key(|s| std::cmp::Reverse(s.1));
     lines.push("largest allocation sites:".into());
-    for (site, bytes) in sites.into_iter().take(8) {
+    for (site, bytes) in sites.into_iter().take(10) {
         lines.push(format!("  {:>6.1} MiB  {site}", bytes as f64 / MIB));
     }
     lines
+}
+
+/// `0x1234: name::of::fn (file:line:col)` -> `file:line:col`.
+fn file(frame: &str) -> &str {
+    frame
+        .rsplit_once(" (")
+        .map_or("", |(_, f)| f.trim_end_matches(')'))
 }
 
 /// `0x1234: name::of::fn (file:line:col)` -> `name::of::fn`.
