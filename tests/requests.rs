@@ -244,18 +244,7 @@ async fn a_remote_backend_also_costs_two_writes_per_new_connection() {
     let n = 5;
     for i in 0..n {
         cluster
-            .create_connection(
-                &format!("lake-{i}"),
-                json!({
-                    "backendRef": {"kind": "ConnectionBackend", "name": "infisical"},
-                    "app": "databricks", "method": "service-principal",
-                    "credentials": {
-                        "clientId": {"value": "6c2ab7d4-1f0e-4b8a-9d57-0c3f2e1a9b10"},
-                        "workspaceUrl": {"value": "https://adb-1.azuredatabricks.net"},
-                        "clientSecret": {"secretKeyRef": {"name": "sp", "key": "clientSecret"}},
-                    },
-                }),
-            )
+            .create_connection(&format!("lake-{i}"), common::databricks_spec("infisical"))
             .await;
     }
     let paths = Paths::temporary();

@@ -77,18 +77,7 @@ async fn two_hundred_connections_through_a_ten_per_second_limit() {
         let cluster = &cluster;
         async move {
             cluster
-                .create_connection(
-                    name,
-                    json!({
-                        "backendRef": {"kind": "ConnectionBackend", "name": "throttled"},
-                        "app": "databricks", "method": "service-principal",
-                        "credentials": {
-                            "clientId": {"value": "6c2ab7d4-1f0e-4b8a-9d57-0c3f2e1a9b10"},
-                            "workspaceUrl": {"value": "https://adb-1.azuredatabricks.net"},
-                            "clientSecret": {"secretKeyRef": {"name": "sp", "key": "clientSecret"}},
-                        },
-                    }),
-                )
+                .create_connection(name, common::databricks_spec("throttled"))
                 .await
         }
     });
@@ -272,18 +261,7 @@ async fn connections_held_back_by_a_backend_go_as_soon_as_it_is_ready() {
     let names: Vec<String> = (0..10).map(|i| format!("held-{i}")).collect();
     for name in &names {
         cluster
-            .create_connection(
-                name,
-                json!({
-                    "backendRef": {"kind": "ConnectionBackend", "name": "infisical"},
-                    "app": "databricks", "method": "service-principal",
-                    "credentials": {
-                        "clientId": {"value": "6c2ab7d4-1f0e-4b8a-9d57-0c3f2e1a9b10"},
-                        "workspaceUrl": {"value": "https://adb-1.azuredatabricks.net"},
-                        "clientSecret": {"secretKeyRef": {"name": "sp", "key": "clientSecret"}},
-                    },
-                }),
-            )
+            .create_connection(name, common::databricks_spec("infisical"))
             .await;
     }
     for name in &names {

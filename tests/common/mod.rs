@@ -345,6 +345,20 @@ async fn cleanup_namespace(client: &Client, namespace: &str) {
 }
 
 /// Ready=True with this reason.
+/// A Databricks service-principal connection on the Infisical ConnectionBackend `backend`,
+/// its client secret in the Secret `sp`.
+pub fn databricks_spec(backend: &str) -> serde_json::Value {
+    serde_json::json!({
+        "backendRef": {"kind": "ConnectionBackend", "name": backend},
+        "app": "databricks", "method": "service-principal",
+        "credentials": {
+            "clientId": {"value": "6c2ab7d4-1f0e-4b8a-9d57-0c3f2e1a9b10"},
+            "workspaceUrl": {"value": "https://adb-1.azuredatabricks.net"},
+            "clientSecret": {"secretKeyRef": {"name": "sp", "key": "clientSecret"}},
+        },
+    })
+}
+
 pub fn ready(conn: &AppConnection) -> bool {
     condition(conn).is_some_and(|(status, _, _)| status == "True")
 }
