@@ -15,6 +15,12 @@ use clap::{Parser, Subcommand};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
+/// mimalloc rather than the system allocator: the same allocator on the glibc and the static
+/// musl build, whose own malloc is slow under many threads, and a resident size close to the
+/// live heap (glibc keeps freed memory in per-thread arenas).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// appconn: AppConnection resources turned into real connections.
 #[derive(Parser)]
 #[command(name = "appconn", version, about)]

@@ -15,7 +15,8 @@
 //! `--changes N` Secret changes timed one at a time (200), `--concurrency N` driver requests in
 //! flight (32), `--steady-secs N` steady-state window (15), `--refresh-secs N` the drift-check
 //! interval after the restart (20), `--throttled N` connections on a throttling Infisical (200;
-//! 0 skips it), `--kubeconfig PATH` (or `APPCONN_TEST_KUBECONFIG`).
+//! 0 skips it), `--kubeconfig PATH` (or `APPCONN_TEST_KUBECONFIG`). The operator reconciles 16
+//! connections at once, `appconn run`'s default, or `APPCONN_CONCURRENCY` as for `appconn run`.
 //!
 //! Every figure is printed with its target and PASS or FAIL; a miss never aborts the run.
 //! Write-rate figures are read against the raw rate of the benchmark's own driver in the same
@@ -53,6 +54,11 @@ use tracker::Tracker;
 #[cfg(feature = "heap-profile")]
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
+
+/// The operator binary's allocator (src/main.rs), so that the child's memory is the operator's.
+#[cfg(not(feature = "heap-profile"))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The memory target on the benchmark (a real cluster's objects are a little larger: < 100 MiB).
 const MEMORY_TARGET_MIB: f64 = 80.0;
@@ -173,6 +179,14 @@ fn title(args: &Args, n: usize) -> String {
     )
 }
 
+/// What runs in the benchmark's own process besides the report.
+fn own_process(args: &Args) -> &'static str {
+    match &args.kubeconfig {
+        Some(_) => "driver and watcher",
+        None => "test server, driver and watcher",
+    }
+}
+
 fn server(args: &Args) -> String {
     match &args.kubeconfig {
         Some(path) => format!("real cluster ({})", path.display()),
@@ -227,10 +241,15 @@ async fn run(args: Args) {
     eprintln!("[2/6] the operator starts over {n} new connections");
     let tracker = Tracker::start(&client, &ns).await;
     let before = target.requests().await;
+    let own_cpu = report::cpu_time("self");
     let op = ChildOperator::start(&target, dir.path(), Duration::from_secs(3600), None).await;
     let all_ready = tracker.wait(patience(n), |t| t.ready >= n).await;
     let elapsed = op.started.elapsed();
     let at_ready = op.memory();
+    let (op_cpu, own_cpu) = (
+        report::cpu_time(&op.pid.to_string()),
+        report::cpu_time("self").saturating_sub(own_cpu),
+    );
     // Writes that trail the last Ready (an Event after a status) belong to the phase too.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let catch_up = target.requests().await.since(&before);
@@ -260,6 +279,17 @@ async fn run(args: Args) {
         format!("{op_rate:.0} / {raw:.0} writes/s = {:.2}", op_rate / raw),
         ">= 0.95",
         op_rate >= 0.95 * raw,
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    report.row(
+        format!("   CPU until all Ready: operator | {}", own_process(&args)),
+        format!(
+            "{:.1} s ({:.2} ms per connection) | {:.1} s, of {:.1} s on {cores} cores",
+            op_cpu.as_secs_f64(),
+            op_cpu.as_secs_f64() * 1000.0 / n as f64,
+            own_cpu.as_secs_f64(),
+            secs * cores as f64,
+        ),
     );
     describe_requests(&mut report, &catch_up, n);
     report.judged(

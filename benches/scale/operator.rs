@@ -89,7 +89,11 @@ pub async fn child_main(args: ChildArgs) {
     let opts = OperatorOptions {
         namespaces: vec![args.namespace.clone()],
         operator_namespace: args.namespace.clone(),
-        concurrency: 16,
+        // `appconn run`'s default, or its environment variable.
+        concurrency: std::env::var("APPCONN_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16),
         store: appconn::store::StoreLocation::Sqlite(store_path(&args.dir)),
         key_secret: "appconn-store-key".into(),
         key_file: Some(key_file(&args.dir)),

@@ -116,6 +116,24 @@ impl Memory {
     }
 }
 
+/// CPU time a process has used so far, all its threads, user and system, from /proc/PID/stat
+/// (zero where unavailable). The kernel counts it in USER_HZ ticks, 100 per second on Linux.
+pub fn cpu_time(pid: &str) -> Duration {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name in parentheses may hold spaces: count the fields after it.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime, fields 14 and 15 of the line, are the 12th and 13th after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 pub struct Percentiles {
     count: usize,
     pub p50: Duration,
