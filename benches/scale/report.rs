@@ -79,7 +79,9 @@ impl Report {
         }
         let judged = self.rows.iter().filter(|r| r.pass.is_some()).count();
         let failed = self.rows.iter().filter(|r| r.pass == Some(false)).count();
-        println!("{} of {judged} targets met", judged - failed);
+        if judged > 0 {
+            println!("{} of {judged} targets met", judged - failed);
+        }
     }
 }
 
