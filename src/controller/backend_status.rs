@@ -301,7 +301,7 @@ async fn reconcile<K: BackendResource>(
     ctx: Arc<StatusContext>,
 ) -> Result<Action, Error> {
     let Some(cached) =
-        super::connections::readable(&ctx.recorder, &obj, K::KIND.as_str(), "Check").await
+        super::connections::readable(&ctx.recorder, &*obj, K::KIND.as_str(), "Check").await
     else {
         return Ok(Action::await_change());
     };

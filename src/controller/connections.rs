@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::backends::Registry;
 use super::backoff::{Backoff, jitter};
+use super::cached::{CachedConnection, Guarded};
 use super::events::Recorder;
 use super::index::RefIndex;
 use super::kube_env::KubeEnv;
@@ -222,11 +222,8 @@ fn refresh_interval(conn: &AppConnection, default: Duration) -> Option<Duration>
 }
 
 #[instrument(skip_all, fields(namespace = %obj.namespace().unwrap_or_default(), appconnection = %obj.name_any()))]
-pub async fn reconcile(
-    obj: Arc<DeserializeGuard<AppConnection>>,
-    ctx: Arc<Context>,
-) -> Result<Action, Error> {
-    let Some(conn) = readable(&ctx.recorder, &obj, "AppConnection", "Reconcile").await else {
+pub async fn reconcile(obj: Arc<CachedConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(conn) = readable(&ctx.recorder, &*obj, "AppConnection", "Reconcile").await else {
         return Ok(Action::await_change());
     };
     let started = Instant::now();
@@ -359,16 +356,13 @@ pub async fn reconcile(
 
 /// The resource a watch delivered, or None for one that does not parse: a Warning Event on
 /// it, then nothing until it changes.
-pub(super) async fn readable<'a, K>(
+pub(super) async fn readable<'a, G: Guarded>(
     recorder: &Recorder,
-    object: &'a DeserializeGuard<K>,
+    object: &'a G,
     kind: &str,
     action: &str,
-) -> Option<&'a K>
-where
-    K: Resource<DynamicType = ()>,
-{
-    let invalid = match &object.0 {
+) -> Option<&'a G::Object> {
+    let invalid = match object.parsed() {
         Ok(readable) => return Some(readable),
         Err(invalid) => invalid,
     };
@@ -397,11 +391,7 @@ fn next_rotation_in(status: Option<&AppConnectionStatus>) -> Option<Duration> {
     )
 }
 
-pub fn error_policy(
-    obj: Arc<DeserializeGuard<AppConnection>>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy(obj: Arc<CachedConnection>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(appconnection = %obj.name_any(), error = %error, "reconcile failed; retrying with backoff");
     Action::requeue(ctx.backoff.next(&obj.uid().unwrap_or_default(), None))
 }

@@ -3,6 +3,7 @@
 mod backend_status;
 mod backends;
 mod backoff;
+mod cached;
 mod connections;
 mod events;
 mod index;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::ListParams;
-use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -19,6 +18,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, warn};
 
 use super::backends::{Clients, Registry};
+use super::cached::CachedConnection;
 use super::connections::{self, Context};
 use super::events::Recorder;
 use super::index::RefIndex;
@@ -45,10 +45,7 @@ pub struct ControllerConfig {
     pub on_ready: Arc<dyn Fn(bool) + Send + Sync>,
 }
 
-type Conn = DeserializeGuard<AppConnection>;
-
-/// The prefix of the annotations the operator reads (the create-pending mark).
-const OWN_ANNOTATIONS: &str = "appconn.io/";
+type Conn = CachedConnection;
 
 /// Waits until the AppConnection CRD is served, checking every few seconds.
 pub async fn wait_for_crds(client: &Client) {
@@ -258,23 +255,19 @@ pub async fn run_controllers(
     info!("controllers stopped");
 }
 
-/// What the cache keeps of an AppConnection: all but managedFields, labels, other tools'
-/// annotations, and a create-pending mark beside a recorded id (where it means nothing: a
-/// create that needs the mark sets it again, and the API object still has it).
+/// What the cache keeps of an AppConnection: what [`CachedConnection`] reads, less a
+/// create-pending mark beside a recorded id (where it means nothing: a create that needs the
+/// mark sets it again, and the API object still has it).
 fn slim(conn: &mut Conn) {
     let recorded = conn
         .0
         .as_ref()
         .is_ok_and(|c| c.status.as_ref().is_some_and(|s| s.id.is_some()));
-    let meta = conn.meta_mut();
-    meta.managed_fields = None;
-    meta.labels = None;
-    // Never create or drop the map: the marking patch relies on it mirroring the server.
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.retain(|key, _| key.starts_with(OWN_ANNOTATIONS));
-        if recorded {
-            annotations.remove(CREATE_PENDING);
-        }
+    // Never drop the map: the marking patch relies on it mirroring the server.
+    if let Some(annotations) = conn.meta_mut().annotations.as_mut()
+        && recorded
+    {
+        annotations.remove(CREATE_PENDING);
     }
 }
 
@@ -408,14 +401,11 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_keeps_what_the_operator_reads() {
+    fn a_recorded_id_drops_the_create_pending_mark_from_the_cache() {
         let mut pending = conn(None);
         slim(&mut pending);
-        let meta = pending.meta();
-        assert_eq!(meta.managed_fields, None);
-        assert_eq!(meta.labels, None);
         assert_eq!(
-            meta.annotations,
+            pending.meta().annotations,
             Some([(CREATE_PENDING.to_string(), "true".to_string())].into()),
             "the mark before an id is recorded"
         );
