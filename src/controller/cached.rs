@@ -223,13 +223,23 @@ mod tests {
         })
     }
 
-    /// Read as a watch reads it: serde_json over the event's bytes.
+    /// Read as a watch reads it: serde_json over the event's bytes, `type` first as an API
+    /// server sends it (the object read as it comes); the other order (the object held by
+    /// serde until the tag is known) must read the same.
     fn watched(object: serde_json::Value) -> CachedConnection {
-        let line = serde_json::to_vec(&json!({"type": "ADDED", "object": object})).unwrap();
-        match serde_json::from_slice::<WatchEvent<CachedConnection>>(&line).unwrap() {
-            WatchEvent::Added(conn) => conn,
+        let read = |line: String| match serde_json::from_str(&line).unwrap() {
+            WatchEvent::<CachedConnection>::Added(conn) => conn,
             _ => panic!("an ADDED event"),
-        }
+        };
+        let conn = read(format!(r#"{{"type": "ADDED", "object": {object}}}"#));
+        let held = read(format!(r#"{{"object": {object}, "type": "ADDED"}}"#));
+        assert_eq!(held.meta(), conn.meta());
+        let content = |c: &CachedConnection| match &c.0 {
+            Ok(c) => Ok((c.spec.clone(), c.status.clone())),
+            Err(e) => Err(e.error.clone()),
+        };
+        assert_eq!(content(&held), content(&conn));
+        conn
     }
 
     /// What kube's own guard reads of the same object, less what the cache leaves out.
@@ -298,7 +308,7 @@ mod tests {
 
     #[test]
     fn an_object_that_is_not_one_fails_the_read() {
-        let line = br#"{"type": "ADDED", "object": {"metadata": 7}}"#;
+        let line = br#"{"type": "ADDED", "object": {"metadata": 7, "spec": {}}}"#;
         assert!(serde_json::from_slice::<WatchEvent<CachedConnection>>(line).is_err());
     }
 }
