@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer};
 use crate::crd::{AppConnection, AppConnectionSpec, AppConnectionStatus};
 
 /// The prefix of the annotations the operator reads (the create-pending mark).
-pub const OWN_ANNOTATIONS: &str = "appconn.io/";
+const OWN_ANNOTATIONS: &str = "appconn.io/";
 
 /// An AppConnection as the watch delivered it, or why it could not be read.
 #[derive(Clone, Debug)]
