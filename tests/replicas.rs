@@ -115,6 +115,7 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
     // The standby answers reads from the start, and keeps answering while it takes over.
     let reader_stop = Arc::new(AtomicBool::new(false));
     let (answered, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let reader = tokio::spawn({
         let list = format!(
             "{}/v1/namespaces/{}/connections",
@@ -122,14 +123,23 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
         );
         let client = https_client(&ca);
         let (stop, answered, failed) = (reader_stop.clone(), answered.clone(), failed.clone());
+        let why = failures.clone();
         async move {
             while !stop.load(Ordering::Relaxed) {
-                let ok = client
-                    .get(&list)
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
+                let answer = client.get(&list).bearer_auth(TOKEN).send().await;
+                let ok = match answer {
+                    Ok(r) if r.status().is_success() => true,
+                    Ok(r) => {
+                        let status = r.status();
+                        let body = r.text().await.unwrap_or_default();
+                        why.lock().unwrap().push(format!("{status}: {body}"));
+                        false
+                    }
+                    Err(e) => {
+                        why.lock().unwrap().push(format!("{e:?}"));
+                        false
+                    }
+                };
                 let counter = if ok { &answered } else { &failed };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -142,9 +152,12 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
             .put_secret(&format!("s{i}"), &[("password", &format!("first-{i}"))])
             .await;
     }
-    for i in 0..N {
-        cluster.create_connection(&format!("c{i}"), spec(i)).await;
-    }
+    // All at once, faster than the leader makes them Ready, so that it dies mid-batch.
+    let cluster = &cluster;
+    futures::future::join_all(
+        (0..N).map(|i| async move { cluster.create_connection(&format!("c{i}"), spec(i)).await }),
+    )
+    .await;
     // Mid-batch: some connections are Ready, not all.
     common::eventually(WAIT, "the first connections Ready", || async {
         let list = cluster
@@ -175,7 +188,7 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
     }
 
     common::eventually(WAIT, "the standby to lead", || async {
-        leader(&cluster).await.as_deref() == Some("two")
+        leader(cluster).await.as_deref() == Some("two")
     })
     .await;
     for i in 0..N {
@@ -228,8 +241,9 @@ async fn the_leader_dies_mid_batch_and_the_other_replica_takes_over() {
     assert_eq!(
         failed,
         0,
-        "the survivor's read API failed {failed} of {}",
-        answered + failed
+        "the survivor's read API failed {failed} of {}: {:?}",
+        answered + failed,
+        failures.lock().unwrap()
     );
     assert!(
         ready_before < N,
