@@ -94,7 +94,9 @@ async fn start(with_cert: bool) -> Harness {
     let stopped = futures::FutureExt::shared(async {
         let _ = stopped.await;
     });
-    tokio::spawn(certs.clone().watch(RELOAD, stopped.clone()));
+    certs.clone().watch(RELOAD, stopped.clone());
+    // The first read is done before `watch` returns: no early handshake finds no certificate.
+    assert_eq!(certs.has_certificate(), with_cert);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let state = StoreApiState {

@@ -147,11 +147,10 @@ pub async fn run(
     let store_api = match opts.store_api_tls.clone() {
         Some(files) => {
             let certs = CertReloader::new(files);
-            tokio::spawn(
-                certs
-                    .clone()
-                    .watch(opts.maintenance.reload_every, shutdown.clone()),
-            );
+            // The first read is done before the server starts, so no handshake finds it empty.
+            certs
+                .clone()
+                .watch(opts.maintenance.reload_every, shutdown.clone());
             tokio::spawn(crate::store::api::serve_tls(
                 opts.store_api,
                 api_state,

@@ -148,33 +148,46 @@ impl CertReloader {
         Ok(true)
     }
 
-    /// Reads the files every `every` until `shutdown`, logging each change and each failure
-    /// once.
-    pub async fn watch(self: Arc<Self>, every: Duration, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
+    /// Reads the files now, before it returns, so that a server started next has the certificate
+    /// for its first handshake; then again every `every`, in a task of its own, until `shutdown`.
+    /// Each change and each failure is logged once.
+    pub fn watch(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let mut last_error: Option<String> = None;
-        loop {
-            match self.reload() {
-                Ok(true) => {
-                    tracing::info!(cert = %self.files.cert.display(), "store API certificate loaded");
-                    last_error = None;
+        self.reload_logged(&mut last_error);
+        tokio::spawn(async move {
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(every) => {}
                 }
-                Ok(false) => last_error = None,
-                Err(e) => {
-                    let shown = e.to_string();
-                    if last_error.as_ref() != Some(&shown) {
-                        if self.has_certificate() {
-                            tracing::warn!(error = %shown, "store API certificate not reloaded; serving the previous one");
-                        } else {
-                            tracing::warn!(error = %shown, "store API has no certificate yet: TLS handshakes fail until it has");
-                        }
-                        last_error = Some(shown);
-                    }
-                }
+                self.reload_logged(&mut last_error);
             }
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep(every) => {}
+        })
+    }
+
+    /// One [`Self::reload`], logged unless it repeats `last_error`.
+    fn reload_logged(&self, last_error: &mut Option<String>) {
+        match self.reload() {
+            Ok(true) => {
+                tracing::info!(cert = %self.files.cert.display(), "store API certificate loaded");
+                *last_error = None;
+            }
+            Ok(false) => *last_error = None,
+            Err(e) => {
+                let shown = e.to_string();
+                if last_error.as_ref() != Some(&shown) {
+                    if self.has_certificate() {
+                        tracing::warn!(error = %shown, "store API certificate not reloaded; serving the previous one");
+                    } else {
+                        tracing::warn!(error = %shown, "store API has no certificate yet: TLS handshakes fail until it has");
+                    }
+                    *last_error = Some(shown);
+                }
             }
         }
     }
