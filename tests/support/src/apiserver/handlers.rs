@@ -261,6 +261,7 @@ async fn resource(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let verb = verb_of(&method, &rp, &query);
+    shared.cost.spend(verb).await;
     let ctx = {
         let mut state = shared.lock();
         state.requests.push(RequestRecord {

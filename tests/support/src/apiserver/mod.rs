@@ -26,6 +26,7 @@
 //!   `propagationPolicy: Orphan`.
 
 mod cel_types;
+mod cost;
 mod discovery;
 mod error;
 mod fields;
@@ -77,6 +78,7 @@ pub(crate) struct Shared {
     cut: tokio_watch::Sender<u64>,
     bookmark_ms: AtomicU64,
     addr: SocketAddr,
+    pub(crate) cost: cost::RequestCost,
 }
 
 impl Shared {
@@ -144,6 +146,7 @@ impl TestApiServer {
             cut: tokio_watch::channel(0).0,
             bookmark_ms: AtomicU64::new(1000),
             addr,
+            cost: cost::RequestCost::default(),
         });
         let app = axum::Router::new()
             .fallback(handlers::handle)
@@ -165,6 +168,13 @@ impl TestApiServer {
             url: format!("http://{addr}"),
             shutdown: Some(tx),
         }
+    }
+
+    /// Makes each write (create, update, patch, delete) spend `write` and each get or list
+    /// spend `read` of CPU work before it is served, to cost what a real server costs; zero,
+    /// the default, serves at once. For benchmarks: see the `cost` module.
+    pub fn set_request_cost(&self, write: Duration, read: Duration) {
+        self.shared.cost.set(write, read);
     }
 
     /// `http://127.0.0.1:PORT`.
