@@ -18,7 +18,7 @@
 //! 0 skips it), `--kubeconfig PATH` (or `APPCONN_TEST_KUBECONFIG`), `--server-cost-ms W[,R]`
 //! the test server spends W ms of CPU on each write and R (0) on each get or list, to cost
 //! what a real server costs (about 10 ms per write for the 175 writes/s of a real
-//! kube-apiserver with etcd on 2 cores); try it with `--connections 2000`. The operator reconciles 16
+//! kube-apiserver with etcd on 2 cores). The operator reconciles 16
 //! connections at once, `appconn run`'s default, or `APPCONN_CONCURRENCY` as for `appconn run`.
 //!
 //! Every figure is printed with its target and PASS or FAIL; a miss never aborts the run.
