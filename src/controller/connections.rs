@@ -89,15 +89,14 @@ const SUPERSEDED: usize = 4;
 impl Context {
     /// Remembers `conn` as the latest known version of its object.
     pub fn saw(&self, conn: &AppConnection) {
-        self.wrote(None, conn);
+        if let Some((uid, rv)) = conn.uid().zip(conn.resource_version()) {
+            self.wrote(None, uid, rv);
+        }
     }
 
-    /// Remembers `written`, which this process wrote over `base`, as the latest known version
-    /// of its object: `base` and the version known before are superseded by it.
-    pub fn wrote(&self, base: Option<&AppConnection>, written: &AppConnection) {
-        let Some((uid, rv)) = written.uid().zip(written.resource_version()) else {
-            return;
-        };
+    /// Remembers version `rv` of the object `uid`, which this process wrote over `base`, as
+    /// the latest known: `base` and the version known before are superseded by it.
+    pub fn wrote(&self, base: Option<&AppConnection>, uid: String, rv: String) {
         let mut tracked = self.tracked.lock().expect("tracked lock");
         let entry = tracked.entry(uid).or_default();
         let previous = entry.latest.replace(rv.clone());

@@ -1,5 +1,6 @@
 //! The controller's environment: the Kubernetes API.
 
+use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -7,6 +8,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType};
 use kube::{Api, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Context;
@@ -42,16 +44,55 @@ impl KubeEnv {
         ops: serde_json::Value,
     ) -> Result<(), kube::Error> {
         let patch: json_patch::Patch = serde_json::from_value(ops).expect("valid JSON patch");
-        let patched = api(&self.ctx, conn)
-            .patch(
-                &conn.name_any(),
-                &PatchParams::default(),
-                &Patch::Json::<()>(patch),
-            )
-            .await?;
-        self.ctx.wrote(Some(conn), &patched);
+        self.patch(
+            conn,
+            None,
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    }
+
+    /// Patches the resource (or its `subresource`) and remembers the version written. Of the
+    /// response only the uid and resourceVersion are read: the watch brings the object itself.
+    async fn patch<P: Serialize + Debug>(
+        &self,
+        conn: &AppConnection,
+        subresource: Option<&str>,
+        params: &PatchParams,
+        patch: &Patch<P>,
+    ) -> Result<(), kube::Error> {
+        let namespace = conn.namespace().unwrap_or_default();
+        let request = kube::core::Request::new(AppConnection::url_path(&(), Some(&namespace)));
+        let name = conn.name_any();
+        let mut request = match subresource {
+            Some(sub) => request.patch_subresource(sub, &name, params, patch),
+            None => request.patch(&name, params, patch),
+        }
+        .map_err(kube::Error::BuildRequest)?;
+        request.extensions_mut().insert(match subresource {
+            Some(_) => "patch_subresource",
+            None => "patch",
+        });
+        let written: Written = self.ctx.client.request(request).await?;
+        if let Some((uid, rv)) = written.metadata.uid.zip(written.metadata.resource_version) {
+            self.ctx.wrote(Some(conn), uid, rv);
+        }
         Ok(())
     }
+}
+
+/// What the operator keeps of a written object: its identity and the version written.
+#[derive(Deserialize)]
+struct Written {
+    metadata: WrittenMeta,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WrittenMeta {
+    uid: Option<String>,
+    resource_version: Option<String>,
 }
 
 /// A Secret's data and its resourceVersion, read from the API (never cached).
@@ -72,10 +113,6 @@ pub(super) async fn read_secret_version(
             .collect();
         (data, version)
     }))
-}
-
-fn api(ctx: &Context, conn: &AppConnection) -> Api<AppConnection> {
-    Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default())
 }
 
 fn env_error(what: &str, conn: &AppConnection, e: kube::Error) -> EnvError {
@@ -198,12 +235,9 @@ impl Environment for KubeEnv {
             "status": status,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let written = api(&self.ctx, conn)
-            .patch_status(&conn.name_any(), &params, &Patch::Apply(body))
+        self.patch(conn, Some("status"), &params, &Patch::Apply(body))
             .await
-            .map_err(|e| env_error("writing the status of", conn, e))?;
-        self.ctx.wrote(Some(conn), &written);
-        Ok(())
+            .map_err(|e| env_error("writing the status of", conn, e))
     }
 
     async fn event(&self, conn: &AppConnection, event: Event) {
