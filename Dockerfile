@@ -25,6 +25,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /appconn /usr/local/bin/appconn
 USER 65532:65532
+# mimalloc gives freed memory back to the system at once rather than after 10 ms: a burst (a
+# restart's first pass over 10,000 connections) then peaks about 10 MiB lower, at no CPU cost
+# the scale benchmark can see. The benchmark starts its operator with the same setting.
+ENV MIMALLOC_PURGE_DELAY=0
 # Admin server (/livez, /readyz, /metrics) and the store read API.
 EXPOSE 8080 8081
 ENTRYPOINT ["appconn"]

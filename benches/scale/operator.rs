@@ -57,6 +57,10 @@ impl ChildArgs {
     }
 }
 
+/// The allocator setting of the operator's image (Dockerfile), so that the child's memory is
+/// the image's; one already in the environment is passed on instead.
+const IMAGE_ENV: &[(&str, &str)] = &[("MIMALLOC_PURGE_DELAY", "0")];
+
 pub fn store_path(dir: &Path) -> PathBuf {
     dir.join("appconn.db")
 }
@@ -158,6 +162,12 @@ impl ChildOperator {
         let started = Instant::now();
         let mut child = tokio::process::Command::new(exe)
             .args(args.to_args())
+            .envs(
+                IMAGE_ENV
+                    .iter()
+                    .filter(|(name, _)| std::env::var_os(name).is_none())
+                    .copied(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
