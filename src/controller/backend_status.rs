@@ -34,6 +34,7 @@ use tracing::{info, instrument, warn};
 use super::backends::Clients;
 use super::backoff::{Backoff, jitter};
 use super::events::Recorder;
+use super::written;
 use crate::backend;
 use crate::crd::{
     BackendKind, BackendProvider, BackendSecretKeySelector, ClusterConnectionBackend,
@@ -514,15 +515,16 @@ impl StatusContext {
             "status": status,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let name = resource.name_any();
-        let written = K::api(
-            self.client.clone(),
-            &resource.namespace().unwrap_or_default(),
+        let written = written::patch(
+            &self.client,
+            resource,
+            Some("status"),
+            &params,
+            &Patch::Apply(body),
         )
-        .patch_status(&name, &params, &Patch::Apply(body))
         .await
-        .map_err(|e| Error::Write(name, e))?;
-        if let (Some(uid), Some(rv)) = (written.uid(), written.resource_version()) {
+        .map_err(|e| Error::Write(resource.name_any(), e))?;
+        if let Some((uid, rv)) = written {
             self.known.lock().expect("known lock").insert(uid, rv);
         }
         Ok(())

@@ -8,10 +8,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType};
 use kube::{Api, Resource, ResourceExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 
-use super::Context;
+use super::{Context, written};
 use crate::backend::Backend;
 use crate::crd::{AppConnection, AppConnectionStatus, CREATE_PENDING, FIELD_MANAGER, FINALIZER};
 use crate::kube_error::describe;
@@ -53,8 +53,7 @@ impl KubeEnv {
         .await
     }
 
-    /// Patches the resource (or its `subresource`) and remembers the version written. Of the
-    /// response only the uid and resourceVersion are read: the watch brings the object itself.
+    /// Patches the resource (or its `subresource`) and remembers the version written.
     async fn patch<P: Serialize + Debug>(
         &self,
         conn: &AppConnection,
@@ -62,37 +61,12 @@ impl KubeEnv {
         params: &PatchParams,
         patch: &Patch<P>,
     ) -> Result<(), kube::Error> {
-        let namespace = conn.namespace().unwrap_or_default();
-        let request = kube::core::Request::new(AppConnection::url_path(&(), Some(&namespace)));
-        let name = conn.name_any();
-        let mut request = match subresource {
-            Some(sub) => request.patch_subresource(sub, &name, params, patch),
-            None => request.patch(&name, params, patch),
-        }
-        .map_err(kube::Error::BuildRequest)?;
-        request.extensions_mut().insert(match subresource {
-            Some(_) => "patch_subresource",
-            None => "patch",
-        });
-        let written: Written = self.ctx.client.request(request).await?;
-        if let Some((uid, rv)) = written.metadata.uid.zip(written.metadata.resource_version) {
+        let written = written::patch(&self.ctx.client, conn, subresource, params, patch).await?;
+        if let Some((uid, rv)) = written {
             self.ctx.wrote(Some(conn), uid, rv);
         }
         Ok(())
     }
-}
-
-/// What the operator keeps of a written object: its identity and the version written.
-#[derive(Deserialize)]
-struct Written {
-    metadata: WrittenMeta,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WrittenMeta {
-    uid: Option<String>,
-    resource_version: Option<String>,
 }
 
 /// A Secret's data and its resourceVersion, read from the API (never cached).

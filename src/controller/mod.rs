@@ -12,6 +12,7 @@ pub mod leader;
 pub mod operator;
 mod run;
 mod secrets;
+mod written;
 
 pub use crate::crd::parse_duration;
 pub use connections::Context;
