@@ -31,8 +31,6 @@ use crate::keys::{StoreKeys, describe_io};
 use crate::secret::Credentials;
 
 const FORMAT: &str = "appconn-store";
-/// Optimistic update attempts before reporting the record as busy.
-const UPDATE_ATTEMPTS: usize = 8;
 
 /// Columns of a summary, in the order [`summary_from_row`] reads them.
 macro_rules! summary_columns {
@@ -645,47 +643,46 @@ impl StoreEngine for SqlStore {
         if current.same_content(&new) {
             return Ok(current);
         }
-        if self.dialect == Dialect::Postgres {
-            // The row stays locked from the read to the write: no writer of any replica slips
-            // in between, so there is nothing to retry.
-            let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-            let row = sqlx::query(self.sql(select_records!("WHERE id = ? FOR UPDATE")))
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.error(e))?;
-            let current = row
-                .map(|row| self.record_from_row(&row))
-                .transpose()?
-                .ok_or(StoreError::NotFound)?;
-            let Some(next) = current.updated(new, now) else {
-                return Ok(current);
-            };
-            self.write_update(&mut *tx, &next, current.version).await?;
-            tx.commit().await.map_err(|e| self.error(e))?;
-            self.count_write();
-            return Ok(next);
+        // SQLite takes one writer at a time: queueing this process's writers here spares them
+        // polling the file lock against each other.
+        let _writing = match self.dialect {
+            Dialect::Sqlite => Some(self.write_lock.lock().await),
+            Dialect::Postgres => None,
+        };
+        // The record stays locked from the read to the write (SQLite's write lock is taken at
+        // BEGIN IMMEDIATE, PostgreSQL's row lock by FOR UPDATE): no writer of another process
+        // or replica slips in between, so there is nothing to retry.
+        let mut tx = self
+            .pool
+            .begin_with(self.dialect.begin_exclusive())
+            .await
+            .map_err(|e| self.error(e))?;
+        let select = match self.dialect {
+            Dialect::Sqlite => self.sql(select_records!("WHERE id = ?")),
+            Dialect::Postgres => self.sql(select_records!("WHERE id = ? FOR UPDATE")),
+        };
+        let row = sqlx::query(select)
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.error(e))?;
+        let current = row
+            .map(|row| self.record_from_row(&row))
+            .transpose()?
+            .ok_or(StoreError::NotFound)?;
+        let Some(next) = current.updated(new, now) else {
+            return Ok(current);
+        };
+        if !self.write_update(&mut *tx, &next, current.version).await? {
+            // Only a writer that ignores the lock (not this code) can get here.
+            return Err(StoreError::Busy {
+                path: self.path.clone(),
+                reason: format!("record {id} changed while it was locked for an update"),
+            });
         }
-        // SQLite takes one writer at a time: queueing this process's writers spares them
-        // retrying against each other, and the version check guards against other processes.
-        let _writing = self.write_lock.lock().await;
-        for _ in 0..UPDATE_ATTEMPTS {
-            let current = self.get(id).await?.ok_or(StoreError::NotFound)?;
-            let Some(next) = current.updated(new.clone(), now) else {
-                return Ok(current);
-            };
-            if self
-                .write_update(&self.pool, &next, current.version)
-                .await?
-            {
-                self.count_write();
-                return Ok(next);
-            }
-        }
-        Err(StoreError::Busy {
-            path: self.path.clone(),
-            reason: format!("record {id} kept changing under updates from another process"),
-        })
+        tx.commit().await.map_err(|e| self.error(e))?;
+        self.count_write();
+        Ok(next)
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
