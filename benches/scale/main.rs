@@ -23,7 +23,10 @@
 //!
 //! Every figure is printed with its target and PASS or FAIL; a miss never aborts the run.
 //! Write-rate figures are read against the raw rate of the benchmark's own driver in the same
-//! run: the test server takes writes about ten times faster than a real one.
+//! run: the test server takes writes about ten times faster than a real one. The raw rate is
+//! measured just before the operator starts and again just after all are Ready (in a namespace
+//! the operator does not watch), and the mean of the two is the reference: a shared machine's
+//! speed drifts over a run.
 
 mod heap;
 mod objects;
@@ -290,22 +293,58 @@ async fn run(args: Args) {
             format!("timed out: {}/{n} Ready after {secs:.0} s", tracker.ready())
         },
     );
-    report.judged(
-        "   Ready/s vs a third of the raw rate",
+    // 2b. The ceiling again, now, in a namespace nobody watches: the machine's speed drifts
+    //     over a run (it is shared), so the operator's phase is read against the mean of the
+    //     raw rates measured just before and just after it.
+    let again = (n / 2).max(100);
+    let took = objects::create(
+        &client,
+        &target.quiet_namespace,
+        args.style,
+        Kind::Connection,
+        0..again,
+        args.concurrency,
+    )
+    .await;
+    let raw_after = again as f64 / took.as_secs_f64();
+    let raw_around = (raw + raw_after) / 2.0;
+    report.row(
+        "   raw write rate of the driver again, right after",
         format!(
-            "{ready_rate:.0}/s = {:.0}% of {:.0}",
+            "{raw_after:.0} writes/s ({again} AppConnections in a namespace nobody watches); \
+             mean with the first: {raw_around:.0}"
+        ),
+    );
+    if let Some(first) = tracker.first_change() {
+        report.row(
+            "   operator start -> first change seen",
+            format!(
+                "{:.2} s",
+                first.saturating_duration_since(op.started).as_secs_f64()
+            ),
+        );
+    }
+    report.judged(
+        "   Ready/s vs a third of the raw rate (the mean)",
+        format!(
+            "{ready_rate:.0}/s = {:.0}% of {:.0} (of the first alone: {:.0}%)",
+            100.0 * ready_rate / (raw_around / 3.0),
+            raw_around / 3.0,
             100.0 * ready_rate / (raw / 3.0),
-            raw / 3.0
         ),
         ">= 95%",
-        all_ready && ready_rate >= 0.95 * raw / 3.0,
+        all_ready && ready_rate >= 0.95 * raw_around / 3.0,
     );
     let op_rate = catch_up.writes() as f64 / secs;
     report.judged(
-        "   operator write rate / raw rate",
-        format!("{op_rate:.0} / {raw:.0} writes/s = {:.2}", op_rate / raw),
+        "   operator write rate / raw rate (the mean)",
+        format!(
+            "{op_rate:.0} / {raw_around:.0} writes/s = {:.2} (to the first alone: {:.2})",
+            op_rate / raw_around,
+            op_rate / raw
+        ),
         ">= 0.95",
-        op_rate >= 0.95 * raw,
+        op_rate >= 0.95 * raw_around,
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     report.row(

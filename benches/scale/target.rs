@@ -35,6 +35,9 @@ pub struct Target {
     pub kubeconfig: PathBuf,
     /// The namespace every object of the run lives in.
     pub namespace: String,
+    /// A second namespace, which the operator does not watch, for measuring the raw rate
+    /// while the operator runs.
+    pub quiet_namespace: String,
     /// The CRDs this run installed, removed at the end (a real cluster only).
     installed: Vec<String>,
 }
@@ -59,6 +62,7 @@ impl Target {
                     client,
                     kubeconfig,
                     namespace: "bench".into(),
+                    quiet_namespace: "bench-quiet".into(),
                     installed: Vec::new(),
                 }
             }
@@ -77,23 +81,26 @@ impl Target {
                     appconn_testkit::crds::install(&client, &crds, "appconn-bench").await;
                     installed = crd_names(&crds);
                 }
+                let namespace = format!("appconn-bench-{:08x}", rand::random::<u32>());
                 Target {
                     server: Server::Real,
                     client,
                     kubeconfig: path,
-                    namespace: format!("appconn-bench-{:08x}", rand::random::<u32>()),
+                    quiet_namespace: format!("{namespace}-quiet"),
+                    namespace,
                     installed,
                 }
             }
         };
-        target.create_namespace().await;
+        target.create_namespace(&target.namespace).await;
+        target.create_namespace(&target.quiet_namespace).await;
         target
     }
 
-    async fn create_namespace(&self) {
+    async fn create_namespace(&self, name: &str) {
         let ns = Namespace {
             metadata: ObjectMeta {
-                name: Some(self.namespace.clone()),
+                name: Some(name.to_string()),
                 ..Default::default()
             },
             ..Default::default()
@@ -183,16 +190,18 @@ impl Target {
             }
         }
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let _ = namespaces
-            .delete(&self.namespace, &DeleteParams::default())
-            .await;
+        for namespace in [&self.namespace, &self.quiet_namespace] {
+            let _ = namespaces.delete(namespace, &DeleteParams::default()).await;
+        }
         let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         for name in &self.installed {
             let _ = crds.delete(name, &DeleteParams::default()).await;
         }
         eprintln!(
-            "cleaned up: namespace {} deleted ({released} finalizers released), {} CRDs removed",
+            "cleaned up: namespaces {} and {} deleted ({released} finalizers released), {} CRDs \
+             removed",
             self.namespace,
+            self.quiet_namespace,
             self.installed.len()
         );
     }

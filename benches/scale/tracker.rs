@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use appconn::crd::AppConnection;
 use futures::StreamExt;
@@ -20,6 +20,8 @@ pub struct Seen {
     readiness: HashMap<String, bool>,
     /// name -> status.version
     pub versions: HashMap<String, i64>,
+    /// When the first change after the initial list was seen.
+    pub first_change: Option<Instant>,
 }
 
 pub struct Tracker {
@@ -43,7 +45,12 @@ impl Tracker {
                 let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
                 while let Some(event) = events.next().await {
                     let conn = match event {
-                        Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => c,
+                        Ok(watcher::Event::Apply(c)) => {
+                            let mut seen = seen.lock().expect("tracker lock");
+                            seen.first_change.get_or_insert_with(Instant::now);
+                            c
+                        }
+                        Ok(watcher::Event::InitApply(c)) => c,
                         Ok(watcher::Event::InitDone) => {
                             if let Some(tx) = listed.take() {
                                 let _ = tx.send(());
@@ -79,6 +86,11 @@ impl Tracker {
             changed,
             task,
         }
+    }
+
+    /// When the watch first saw a change after its initial list.
+    pub fn first_change(&self) -> Option<Instant> {
+        self.seen.lock().expect("tracker lock").first_change
     }
 
     pub fn ready(&self) -> usize {
