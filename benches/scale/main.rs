@@ -249,6 +249,7 @@ async fn run(args: Args) {
     )
     .await;
     let raw_secrets = n as f64 / took.as_secs_f64();
+    let held = target.write_lock_held();
     let took = objects::create(
         &client,
         &ns,
@@ -259,6 +260,8 @@ async fn run(args: Args) {
     )
     .await;
     let raw = n as f64 / took.as_secs_f64();
+    let took_raw = took;
+    let raw_held = target.write_lock_held().zip(held).map(|(a, b)| a - b);
     report.row(
         "1. raw write rate of the driver: Secrets | AppConnections",
         format!(
@@ -271,10 +274,12 @@ async fn run(args: Args) {
     eprintln!("[2/6] the operator starts over {n} new connections");
     let tracker = Tracker::start(&client, &ns).await;
     let before = target.requests().await;
+    let held = target.write_lock_held();
     let own_cpu = report::cpu_time("self");
     let op = ChildOperator::start(&target, dir.path(), Duration::from_secs(3600), None).await;
     let all_ready = tracker.wait(patience(n), |t| t.ready >= n).await;
     let elapsed = op.started.elapsed();
+    let op_held = target.write_lock_held().zip(held).map(|(a, b)| a - b);
     let at_ready = op.memory();
     let (op_cpu, own_cpu) = (
         report::cpu_time(&op.pid.to_string()),
@@ -357,6 +362,20 @@ async fn run(args: Args) {
             secs * cores as f64,
         ),
     );
+    if let (Some(raw_held), Some(op_held)) = (raw_held, op_held) {
+        // Writes during the phase, the trailing Events aside: close enough for a per-write mean.
+        let op_writes = catch_up.writes().max(1) as f64;
+        report.row(
+            "   test server's write lock (one write at a time): per write, raw | operator",
+            format!(
+                "{:.0} | {:.0} us; held {:.0}% of the raw phase | {:.0}% of the operator's",
+                raw_held.as_secs_f64() * 1e6 / n as f64,
+                op_held.as_secs_f64() * 1e6 / op_writes,
+                100.0 * raw_held.as_secs_f64() / took_raw.as_secs_f64(),
+                100.0 * op_held.as_secs_f64() / secs,
+            ),
+        );
+    }
     describe_requests(&mut report, &catch_up, n);
     report.judged(
         format!("   operator memory at {n} Ready"),

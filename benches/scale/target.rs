@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use appconn::crd::AppConnection;
 use appconn_testkit::apiserver::TestApiServer;
@@ -163,6 +164,15 @@ impl Target {
             }
         }
         Requests(counts)
+    }
+
+    /// How long the test server's stored writes have held its state lock (it applies one write
+    /// at a time); None on a real cluster.
+    pub fn write_lock_held(&self) -> Option<Duration> {
+        match &self.server {
+            Server::Test(server) => Some(server.write_lock_held()),
+            Server::Real => None,
+        }
     }
 
     /// Removes what the run made: on a real cluster the namespace (finalizers released first,

@@ -644,6 +644,7 @@ fn write(
     let ct = ct.split(';').next().unwrap_or("").trim().to_string();
     let result = {
         let mut state = shared.lock();
+        let held = std::time::Instant::now();
         let result = match ctx.verb {
             "create" => {
                 let obj = parse_body(body, headers, &def.kind)?;
@@ -694,6 +695,10 @@ fn write(
         }
         let pending = std::mem::take(&mut state.pending_crds);
         drop(state);
+        let held = u64::try_from(held.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        shared
+            .write_lock_held_ns
+            .fetch_add(held, std::sync::atomic::Ordering::Relaxed);
         for crd in pending {
             shared.schedule_establish(crd);
         }
@@ -1105,5 +1110,35 @@ mod tests {
             (42, key)
         );
         assert!(parse_continue("garbage").is_err());
+    }
+}
+
+#[cfg(test)]
+mod lock_time {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Api;
+    use kube::api::PostParams;
+
+    use crate::apiserver::TestApiServer;
+
+    #[tokio::test]
+    async fn stored_writes_count_their_time_under_the_lock_and_reads_do_not() {
+        let server = TestApiServer::start().await;
+        let api: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+        let before = server.write_lock_held();
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "held"}, "data": {"k": "v"}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &cm).await.unwrap();
+        let after_write = server.write_lock_held();
+        assert!(after_write > before, "{after_write:?} after a create");
+        api.get("held").await.unwrap();
+        api.list(&Default::default()).await.unwrap();
+        assert_eq!(
+            server.write_lock_held(),
+            after_write,
+            "reads are not writes"
+        );
     }
 }

@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     bookmark_ms: AtomicU64,
     addr: SocketAddr,
     pub(crate) cost: cost::RequestCost,
+    /// Nanoseconds the state lock has been held by stored writes.
+    pub(crate) write_lock_held_ns: AtomicU64,
 }
 
 impl Shared {
@@ -147,6 +149,7 @@ impl TestApiServer {
             bookmark_ms: AtomicU64::new(1000),
             addr,
             cost: cost::RequestCost::default(),
+            write_lock_held_ns: AtomicU64::new(0),
         });
         let app = axum::Router::new()
             .fallback(handlers::handle)
@@ -175,6 +178,14 @@ impl TestApiServer {
     /// the default, serves at once. For benchmarks: see the `cost` module.
     pub fn set_request_cost(&self, write: Duration, read: Duration) {
         self.shared.cost.set(write, read);
+    }
+
+    /// How long stored writes have held the server's state lock so far. This server applies a
+    /// write (decoding, patching, validation, field ownership, storage) under one lock, one
+    /// write at a time; a real kube-apiserver does all but the storage in parallel. Benchmarks
+    /// read it to tell how much of a write rate is this server's own limit.
+    pub fn write_lock_held(&self) -> Duration {
+        Duration::from_nanos(self.shared.write_lock_held_ns.load(Ordering::Relaxed))
     }
 
     /// `http://127.0.0.1:PORT`.
