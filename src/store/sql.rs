@@ -644,14 +644,27 @@ impl StoreEngine for SqlStore {
             return Ok(current);
         }
         // SQLite takes one writer at a time: queueing this process's writers here spares them
-        // polling the file lock against each other.
+        // retrying against each other.
         let _writing = match self.dialect {
             Dialect::Sqlite => Some(self.write_lock.lock().await),
             Dialect::Postgres => None,
         };
-        // The record stays locked from the read to the write (SQLite's write lock is taken at
-        // BEGIN IMMEDIATE, PostgreSQL's row lock by FOR UPDATE): no writer of another process
-        // or replica slips in between, so there is nothing to retry.
+        // First the short way: one statement that writes only if the record is still at the
+        // version read, so that the database is locked only while it writes.
+        let current = self.get(id).await?.ok_or(StoreError::NotFound)?;
+        let Some(next) = current.updated(new.clone(), now) else {
+            return Ok(current);
+        };
+        if self
+            .write_update(&self.pool, &next, current.version)
+            .await?
+        {
+            self.count_write();
+            return Ok(next);
+        }
+        // Another process or replica wrote in between. Now the record stays locked from the
+        // read to the write (SQLite's write lock from BEGIN IMMEDIATE, PostgreSQL's row lock
+        // from FOR UPDATE), so nothing can slip in again and there is nothing more to retry.
         let mut tx = self
             .pool
             .begin_with(self.dialect.begin_exclusive())
