@@ -581,7 +581,8 @@ async fn run(args: Args) {
         "memory is the operator process alone (this binary re-run as a child holding only the \
          operator), RSS and peak RSS from /proc; requests are counted by the test server per \
          client, or on a real cluster by its apiserver_request_total for appconnections, \
-         secrets, events and connectionbackends (any other client's requests to those count too)",
+         secrets, events and connectionbackends less the driver's own requests (other clients' \
+         requests to those count too)",
     );
     report.print(&title(&args, n));
     dir.close().expect("removing the temporary directory");

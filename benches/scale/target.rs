@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use appconn::crd::AppConnection;
@@ -41,6 +42,8 @@ pub struct Target {
     pub quiet_namespace: String,
     /// The CRDs this run installed, removed at the end (a real cluster only).
     installed: Vec<String>,
+    /// The driver's own requests, taken from a real cluster's counts.
+    own: OwnRequests,
 }
 
 /// API requests counted by (verb, resource or resource/subresource), verbs named the way
@@ -65,10 +68,12 @@ impl Target {
                     namespace: "bench".into(),
                     quiet_namespace: "bench-quiet".into(),
                     installed: Vec::new(),
+                    own: OwnRequests::default(),
                 }
             }
             Some(path) => {
-                let client = client_for(&path, None)
+                let own = OwnRequests::default();
+                let client = counted_client_for(&path, own.clone())
                     .await
                     .unwrap_or_else(|e| panic!("cannot use the kubeconfig {path:?}: {e}"));
                 let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -90,6 +95,7 @@ impl Target {
                     quiet_namespace: format!("{namespace}-quiet"),
                     namespace,
                     installed,
+                    own,
                 }
             }
         };
@@ -113,9 +119,10 @@ impl Target {
     }
 
     /// The API requests so far: the operator's at the test server (by its User-Agent); on a
-    /// real cluster, the server's own counters for the resources the benchmark touches.
+    /// real cluster, the server's own counters for the resources the benchmark touches, less
+    /// the driver's own requests (the counters do not tell one client from another).
     pub async fn requests(&self) -> Requests {
-        let mut counts = BTreeMap::new();
+        let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
         match &self.server {
             Server::Test(server) => {
                 for r in server.requests() {
@@ -160,6 +167,11 @@ impl Target {
                     let verb = labels.get("verb").cloned().unwrap_or_default();
                     let value = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
                     *counts.entry((verb, resource(res, sub))).or_default() += value;
+                }
+                for (key, own) in self.own.snapshot() {
+                    if let Some(count) = counts.get_mut(&key) {
+                        *count = count.saturating_sub(own);
+                    }
                 }
             }
         }
@@ -219,11 +231,7 @@ impl Target {
 
 /// A client for the cluster a kubeconfig names, with `agent` as its User-Agent.
 pub async fn client_for(path: &Path, agent: Option<&'static str>) -> Result<Client, String> {
-    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut config = config_for(path).await?;
     if let Some(agent) = agent {
         config.headers.push((
             http::header::USER_AGENT,
@@ -231,6 +239,91 @@ pub async fn client_for(path: &Path, agent: Option<&'static str>) -> Result<Clie
         ));
     }
     Client::try_from(config).map_err(|e| e.to_string())
+}
+
+async fn config_for(path: &Path) -> Result<kube::Config, String> {
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A client for the cluster `path` names that counts its own requests in `own`.
+async fn counted_client_for(path: &Path, own: OwnRequests) -> Result<Client, String> {
+    let config = config_for(path).await?;
+    let counting = tower::util::MapRequestLayer::new(move |req: http::Request<_>| {
+        own.count(&req);
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| e.to_string())?
+        .with_layer(&counting)
+        .build())
+}
+
+/// Requests of one client by verb and resource, named as `apiserver_request_total` names them.
+#[derive(Clone, Default)]
+struct OwnRequests(Arc<Mutex<BTreeMap<(String, String), u64>>>);
+
+impl OwnRequests {
+    fn count<B>(&self, req: &http::Request<B>) {
+        if let Some(key) = verb_and_resource(req) {
+            *self
+                .0
+                .lock()
+                .expect("request counts")
+                .entry(key)
+                .or_default() += 1;
+        }
+    }
+
+    fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.0.lock().expect("request counts").clone()
+    }
+}
+
+/// The verb and resource a real server's metrics give a request (None for paths that are no
+/// resource): GET of a collection is LIST, `watch=true` WATCH, an apply patch APPLY.
+fn verb_and_resource<B>(req: &http::Request<B>) -> Option<(String, String)> {
+    let segs: Vec<&str> = req
+        .uri()
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let rest = match segs.as_slice() {
+        ["api", _, rest @ ..] | ["apis", _, _, rest @ ..] => rest,
+        _ => return None,
+    };
+    let (plural, name, sub) = match rest {
+        ["namespaces", _, plural, more @ ..] => (*plural, more.first(), more.get(1)),
+        [plural, more @ ..] => (*plural, more.first(), more.get(1)),
+        [] => return None,
+    };
+    let query = req.uri().query().unwrap_or("");
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
+    let apply = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|ct| ct == "application/apply-patch+yaml");
+    let verb = match *req.method() {
+        http::Method::GET if watch => "WATCH",
+        http::Method::GET if name.is_some() => "GET",
+        http::Method::GET => "LIST",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH if apply => "APPLY",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE if name.is_some() => "DELETE",
+        http::Method::DELETE => "DELETECOLLECTION",
+        _ => return None,
+    };
+    Some((
+        verb.to_string(),
+        resource(plural, sub.copied().unwrap_or("")),
+    ))
 }
 
 fn crd_names(dir: &Path) -> Vec<String> {

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::error::{ApiError, Cause};
 use super::fields::{self, Scope, Types, Writer};
 use super::meta::{meta_str, now};
+use super::metrics;
 use super::ops::{self, Ownership, WriteReq, Written, check_type_meta, wire};
 use super::patch::{json_patch, merge_patch, strategic_merge};
 use super::resource::{Behaviour, ResourceDef};
@@ -93,18 +94,19 @@ fn value_response(code: u16, v: &Value, warnings: &[String]) -> Response {
 
 /// The resource part of a request path.
 #[derive(Debug, PartialEq)]
-struct ResourcePath {
-    group: String,
-    version: String,
-    plural: String,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
+pub(crate) struct ResourcePath {
+    pub(crate) group: String,
+    pub(crate) version: String,
+    pub(crate) plural: String,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) subresource: Option<String>,
 }
 
 enum Route {
     Version,
     Health,
+    Metrics,
     Api,
     Apis,
     GroupVersion(String, String),
@@ -119,6 +121,7 @@ fn route(path: &str) -> Route {
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
+        ["metrics"] => return Route::Metrics,
         ["api"] => return Route::Api,
         ["apis"] => return Route::Apis,
         ["openapi", "v3"] => return Route::OpenApi,
@@ -203,9 +206,33 @@ pub(crate) async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Reque
                 None => ApiError::unknown_resource().into_response(),
             }
         }
-        Route::Resource(rp) => resource(shared, method, rp, query, headers, body)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
+        Route::Metrics => {
+            let text = metrics::render(&shared.lock().request_totals);
+            let mut resp = (StatusCode::OK, text).into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        Route::Resource(rp) => {
+            let labels = metrics::RequestLabels::new(
+                verb_of(&method, &rp, &query),
+                &rp,
+                &headers,
+                query.get("dryRun").is_some_and(|d| !d.is_empty()),
+            );
+            let shared_too = shared.clone();
+            let resp = resource(shared, method, rp, query, headers, body)
+                .await
+                .unwrap_or_else(IntoResponse::into_response);
+            *shared_too
+                .lock()
+                .request_totals
+                .entry((labels, resp.status().as_u16()))
+                .or_default() += 1;
+            resp
+        }
         Route::Unknown => ApiError::unknown_resource().into_response(),
     }
 }
@@ -1114,10 +1141,10 @@ mod tests {
 }
 
 #[cfg(test)]
-mod lock_time {
+mod counters {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::Api;
-    use kube::api::PostParams;
+    use kube::api::{ListParams, Patch, PatchParams, PostParams};
 
     use crate::apiserver::TestApiServer;
 
@@ -1140,5 +1167,70 @@ mod lock_time {
             after_write,
             "reads are not writes"
         );
+    }
+
+    #[tokio::test]
+    async fn metrics_count_requests_with_the_real_servers_labels() {
+        let server = TestApiServer::start().await;
+        let client = server.client();
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "counted"}, "data": {"k": "v"}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &cm).await.unwrap();
+        api.get("counted").await.unwrap();
+        api.get("counted").await.unwrap();
+        assert!(api.get("missing").await.is_err());
+        api.list(&ListParams::default()).await.unwrap();
+        Api::<ConfigMap>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+        let merge = serde_json::json!({"data": {"k": "w"}});
+        api.patch("counted", &PatchParams::default(), &Patch::Merge(&merge))
+            .await
+            .unwrap();
+        let applied = serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "counted"}, "data": {"other": "x"}
+        });
+        api.patch(
+            "counted",
+            &PatchParams::apply("counter-test"),
+            &Patch::Apply(&applied),
+        )
+        .await
+        .unwrap();
+
+        let request = axum::http::Request::get("/metrics")
+            .body(Vec::new())
+            .unwrap();
+        let text = client.request_text(request).await.unwrap();
+        assert!(
+            text.contains("# TYPE apiserver_request_total counter"),
+            "{text}"
+        );
+        let series = |code: u16, scope: &str, verb: &str| {
+            format!(
+                "apiserver_request_total{{code=\"{code}\",component=\"apiserver\",dry_run=\"\",\
+                 group=\"\",resource=\"configmaps\",scope=\"{scope}\",subresource=\"\",\
+                 verb=\"{verb}\",version=\"v1\"}}"
+            )
+        };
+        for (line, count) in [
+            (series(201, "resource", "POST"), 1),
+            (series(200, "resource", "GET"), 2),
+            (series(404, "resource", "GET"), 1),
+            (series(200, "namespace", "LIST"), 1),
+            (series(200, "cluster", "LIST"), 1),
+            (series(200, "resource", "PATCH"), 1),
+            (series(200, "resource", "APPLY"), 1),
+        ] {
+            assert!(
+                text.lines().any(|l| l == format!("{line} {count}")),
+                "{line} {count} in\n{text}"
+            );
+        }
     }
 }

@@ -24,6 +24,9 @@
 //!   take ownership of what they change, so a later apply by another manager conflicts.
 //! - Removing an owner deletes its dependents (background propagation) unless deleted with
 //!   `propagationPolicy: Orphan`.
+//! - `GET /metrics` serves `apiserver_request_total` with the real server's labels.
+//! - Each write is applied under one lock, one at a time (a real server decodes, patches and
+//!   validates in parallel): [`TestApiServer::write_lock_held`] tells how busy that lock is.
 
 mod cel_types;
 mod cost;
@@ -32,6 +35,7 @@ mod error;
 mod fields;
 mod handlers;
 mod meta;
+mod metrics;
 mod ops;
 mod patch;
 mod protobuf;

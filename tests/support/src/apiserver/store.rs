@@ -225,6 +225,8 @@ pub(crate) struct State {
     pub writes: HashMap<String, u64>,
     pub total_writes: u64,
     pub requests: Vec<RequestRecord>,
+    /// `apiserver_request_total`'s counts.
+    pub request_totals: super::metrics::RequestTotals,
     pub tokens: HashMap<String, UserInfo>,
     pub rules: Vec<AccessRule>,
     pub injections: Vec<Injection>,
@@ -245,6 +247,7 @@ impl State {
             writes: HashMap::new(),
             total_writes: 0,
             requests: Vec::new(),
+            request_totals: Default::default(),
             tokens: HashMap::new(),
             rules: Vec::new(),
             injections: Vec::new(),
