@@ -12,8 +12,8 @@
 //! Knobs for tests: token expiry and revocation, lockout length, a server without `/options`,
 //! live-validation failures, dependents that block a delete, rotation done by the server,
 //! objects created behind appconn's back, the stored objects with their secrets; and, from the
-//! shared [`Server`] it derefs to, latency, failing the next N requests, error rates, a 429 storm
-//! with `Retry-After`, a rate limiter, and a record of every request.
+//! shared [`Server`](super::server::Server) it derefs to, latency, failing the next N requests,
+//! error rates, a 429 storm with `Retry-After`, a rate limiter, and a record of every request.
 //!
 //! Nothing here logs a request or response body: credentials travel in them.
 
