@@ -239,29 +239,25 @@ async fn run(args: Args) {
     // 1. The ceiling: the driver's own write rate, making exactly the objects the operator
     //    will work on, with nothing watching them.
     eprintln!("[1/6] raw write rate: {n} Secrets, then {n} AppConnections");
-    let took = objects::create(
-        &client,
-        &ns,
-        args.style,
-        Kind::Secret,
-        0..n,
-        args.concurrency,
-    )
-    .await;
-    let raw_secrets = n as f64 / took.as_secs_f64();
+    let raw_rate = |namespace: &str, kind: Kind, count: usize| {
+        let (client, namespace) = (client.clone(), namespace.to_string());
+        async move {
+            let took = objects::create(
+                &client,
+                &namespace,
+                args.style,
+                kind,
+                0..count,
+                args.concurrency,
+            )
+            .await;
+            (count as f64 / took.as_secs_f64(), took)
+        }
+    };
+    let (raw_secrets, _) = raw_rate(&ns, Kind::Secret, n).await;
     let held = target.write_lock_held();
-    let took = objects::create(
-        &client,
-        &ns,
-        args.style,
-        Kind::Connection,
-        0..n,
-        args.concurrency,
-    )
-    .await;
-    let raw = n as f64 / took.as_secs_f64();
-    let took_raw = took;
-    let raw_held = target.write_lock_held().zip(held).map(|(a, b)| a - b);
+    let (raw, took) = raw_rate(&ns, Kind::Connection, n).await;
+    let raw_held = target.write_lock_held_since(held);
     report.row(
         "1. raw write rate of the driver: Secrets | AppConnections",
         format!(
@@ -279,7 +275,7 @@ async fn run(args: Args) {
     let op = ChildOperator::start(&target, dir.path(), Duration::from_secs(3600), None).await;
     let all_ready = tracker.wait(patience(n), |t| t.ready >= n).await;
     let elapsed = op.started.elapsed();
-    let op_held = target.write_lock_held().zip(held).map(|(a, b)| a - b);
+    let op_held = target.write_lock_held_since(held);
     let at_ready = op.memory();
     let (op_cpu, own_cpu) = (
         report::cpu_time(&op.pid.to_string()),
@@ -302,16 +298,7 @@ async fn run(args: Args) {
     //     over a run (it is shared), so the operator's phase is read against the mean of the
     //     raw rates measured just before and just after it.
     let again = (n / 2).max(100);
-    let took = objects::create(
-        &client,
-        &target.quiet_namespace,
-        args.style,
-        Kind::Connection,
-        0..again,
-        args.concurrency,
-    )
-    .await;
-    let raw_after = again as f64 / took.as_secs_f64();
+    let (raw_after, _) = raw_rate(&target.quiet_namespace, Kind::Connection, again).await;
     let raw_around = (raw + raw_after) / 2.0;
     report.row(
         "   raw write rate of the driver again, right after",
@@ -371,7 +358,7 @@ async fn run(args: Args) {
                 "{:.0} | {:.0} us; held {:.0}% of the raw phase | {:.0}% of the operator's",
                 raw_held.as_secs_f64() * 1e6 / n as f64,
                 op_held.as_secs_f64() * 1e6 / op_writes,
-                100.0 * raw_held.as_secs_f64() / took_raw.as_secs_f64(),
+                100.0 * raw_held.as_secs_f64() / took.as_secs_f64(),
                 100.0 * op_held.as_secs_f64() / secs,
             ),
         );

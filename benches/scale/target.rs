@@ -187,6 +187,11 @@ impl Target {
         }
     }
 
+    /// [`write_lock_held`](Self::write_lock_held) since an earlier reading of it.
+    pub fn write_lock_held_since(&self, earlier: Option<Duration>) -> Option<Duration> {
+        Some(self.write_lock_held()? - earlier?)
+    }
+
     /// Removes what the run made: on a real cluster the namespace (finalizers released first,
     /// the operator being stopped) and the CRDs it installed. The test server just stops.
     pub async fn cleanup(self) {
@@ -267,7 +272,7 @@ struct OwnRequests(Arc<Mutex<BTreeMap<(String, String), u64>>>);
 
 impl OwnRequests {
     fn count<B>(&self, req: &http::Request<B>) {
-        if let Some(key) = verb_and_resource(req) {
+        if let Some(key) = appconn_testkit::apiserver::request_series(req) {
             *self
                 .0
                 .lock()
@@ -280,50 +285,6 @@ impl OwnRequests {
     fn snapshot(&self) -> BTreeMap<(String, String), u64> {
         self.0.lock().expect("request counts").clone()
     }
-}
-
-/// The verb and resource a real server's metrics give a request (None for paths that are no
-/// resource): GET of a collection is LIST, `watch=true` WATCH, an apply patch APPLY.
-fn verb_and_resource<B>(req: &http::Request<B>) -> Option<(String, String)> {
-    let segs: Vec<&str> = req
-        .uri()
-        .path()
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
-    let rest = match segs.as_slice() {
-        ["api", _, rest @ ..] | ["apis", _, _, rest @ ..] => rest,
-        _ => return None,
-    };
-    let (plural, name, sub) = match rest {
-        ["namespaces", _, plural, more @ ..] => (*plural, more.first(), more.get(1)),
-        [plural, more @ ..] => (*plural, more.first(), more.get(1)),
-        [] => return None,
-    };
-    let query = req.uri().query().unwrap_or("");
-    let watch = query
-        .split('&')
-        .any(|p| p == "watch=true" || p == "watch=1");
-    let apply = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|ct| ct == "application/apply-patch+yaml");
-    let verb = match *req.method() {
-        http::Method::GET if watch => "WATCH",
-        http::Method::GET if name.is_some() => "GET",
-        http::Method::GET => "LIST",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::PATCH if apply => "APPLY",
-        http::Method::PATCH => "PATCH",
-        http::Method::DELETE if name.is_some() => "DELETE",
-        http::Method::DELETE => "DELETECOLLECTION",
-        _ => return None,
-    };
-    Some((
-        verb.to_string(),
-        resource(plural, sub.copied().unwrap_or("")),
-    ))
 }
 
 fn crd_names(dir: &Path) -> Vec<String> {

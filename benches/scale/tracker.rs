@@ -44,13 +44,9 @@ impl Tracker {
                 let mut listed = Some(listed_tx);
                 let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
                 while let Some(event) = events.next().await {
-                    let conn = match event {
-                        Ok(watcher::Event::Apply(c)) => {
-                            let mut seen = seen.lock().expect("tracker lock");
-                            seen.first_change.get_or_insert_with(Instant::now);
-                            c
-                        }
-                        Ok(watcher::Event::InitApply(c)) => c,
+                    let (conn, change) = match event {
+                        Ok(watcher::Event::Apply(c)) => (c, true),
+                        Ok(watcher::Event::InitApply(c)) => (c, false),
                         Ok(watcher::Event::InitDone) => {
                             if let Some(tx) = listed.take() {
                                 let _ = tx.send(());
@@ -68,6 +64,9 @@ impl Tracker {
                     });
                     let version = status.and_then(|s| s.version).unwrap_or(0);
                     let mut seen = seen.lock().expect("tracker lock");
+                    if change {
+                        seen.first_change.get_or_insert_with(Instant::now);
+                    }
                     let was = seen.readiness.insert(name.clone(), ready).unwrap_or(false);
                     match (was, ready) {
                         (false, true) => seen.ready += 1,

@@ -645,13 +645,18 @@ impl StoreEngine for SqlStore {
         }
         // SQLite takes one writer at a time: queueing this process's writers here spares them
         // retrying against each other.
-        let _writing = match self.dialect {
+        let writing = match self.dialect {
             Dialect::Sqlite => Some(self.write_lock.lock().await),
             Dialect::Postgres => None,
         };
+        // A writer of this process queued ahead may have changed the record meanwhile.
+        let current = if writing.is_some() {
+            self.get(id).await?.ok_or(StoreError::NotFound)?
+        } else {
+            current
+        };
         // First the short way: one statement that writes only if the record is still at the
         // version read, so that the database is locked only while it writes.
-        let current = self.get(id).await?.ok_or(StoreError::NotFound)?;
         let Some(next) = current.updated(new.clone(), now) else {
             return Ok(current);
         };

@@ -161,11 +161,21 @@ fn route(path: &str) -> Route {
     }
 }
 
-fn query_of(req: &Request) -> Query {
-    req.uri()
-        .query()
+fn query_of(uri: &axum::http::Uri) -> Query {
+    uri.query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
+}
+
+/// The verb and the resource (`plural` or `plural/subresource`) a real server's
+/// `apiserver_request_total` gives `req`, as a client sends it; None for a path that names no
+/// resource. A client on a real cluster counts its own requests with it.
+pub fn request_series<B>(req: &axum::http::Request<B>) -> Option<(String, String)> {
+    let Route::Resource(rp) = route(req.uri().path()) else {
+        return None;
+    };
+    let verb = verb_of(req.method(), &rp, &query_of(req.uri()));
+    Some(metrics::RequestLabels::new(verb, &rp, req.headers(), false).series())
 }
 
 fn is_true(q: &Query, k: &str) -> bool {
@@ -173,7 +183,7 @@ fn is_true(q: &Query, k: &str) -> bool {
 }
 
 pub(crate) async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Response {
-    let query = query_of(&req);
+    let query = query_of(req.uri());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let headers = req.headers().clone();
@@ -222,11 +232,10 @@ pub(crate) async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Reque
                 &headers,
                 query.get("dryRun").is_some_and(|d| !d.is_empty()),
             );
-            let shared_too = shared.clone();
-            let resp = resource(shared, method, rp, query, headers, body)
+            let resp = resource(shared.clone(), method, rp, query, headers, body)
                 .await
                 .unwrap_or_else(IntoResponse::into_response);
-            *shared_too
+            *shared
                 .lock()
                 .request_totals
                 .entry((labels, resp.status().as_u16()))

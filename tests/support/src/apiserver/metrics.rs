@@ -69,6 +69,16 @@ impl RequestLabels {
             dry_run,
         }
     }
+
+    /// `(verb, resource)`, the resource with its subresource as `plural/subresource`.
+    pub(crate) fn series(&self) -> (String, String) {
+        let resource = if self.subresource.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}/{}", self.resource, self.subresource)
+        };
+        (self.verb.to_string(), resource)
+    }
 }
 
 /// Counts by labels and response code.

@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub use handlers::request_series;
 pub use k8s_openapi::api::authentication::v1::UserInfo;
 use tokio::sync::{oneshot, watch as tokio_watch};
 
